@@ -1,0 +1,5 @@
+import sys
+
+from sharding.cli import main
+
+sys.exit(main())

@@ -1,0 +1,370 @@
+"""One small storage layer for local paths and ``s3://bucket/prefix`` URLs.
+
+S3 goes through boto3, which honours ``AWS_ENDPOINT_URL`` / ``AWS_ACCESS_KEY_ID`` / ... from the
+environment; retries use botocore's standard retry mode, large uploads use boto3's managed
+multipart transfer. Local writes are atomic (temporary name + ``os.replace``); S3 objects are atomic
+by nature (a PUT or a completed multipart upload is visible whole or not at all).
+
+Shared by ``sharding/`` and the training code; imports neither torch nor ray.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import shutil
+import tempfile
+import threading
+from typing import IO, Iterator, List, Optional, Tuple
+
+__all__ = [
+    "StorageError",
+    "is_s3",
+    "parse_s3",
+    "join",
+    "exists",
+    "list_files",
+    "get_bytes",
+    "put_bytes",
+    "put_file",
+    "get_file",
+    "delete",
+    "open_read",
+    "check_writable",
+    "check_readable",
+    "register_webdataset_s3",
+]
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNK = 16 * 1024 * 1024
+
+
+from ssfer_dist.errors import UserError
+
+
+class StorageError(UserError):
+    """A storage failure with a one-line message naming the URL."""
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def parse_s3(url: str) -> Tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(url):
+        raise StorageError(f"not an s3:// URL: {url}")
+    rest = url[5:]
+    bucket, _, key = rest.partition("/")
+    if len(bucket) < 3:
+        raise StorageError(f"{url}: bucket name must have at least 3 characters")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL/path components with ``/`` (works for both s3:// URLs and local paths)."""
+    base = str(base)
+    if is_s3(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out = out + "/" + str(p).strip("/")
+        return out
+    return os.path.join(base, *[str(p) for p in parts])
+
+
+_local = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def _client_config():
+    from botocore.config import Config
+
+    return Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_connections=32)
+
+
+def s3_client():
+    """A boto3 S3 client per thread (boto3 clients are thread-safe but sessions are not)."""
+    cli = getattr(_local, "client", None)
+    key = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                             "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    if cli is None or getattr(_local, "client_key", None) != key:
+        import boto3
+
+        session = boto3.session.Session()
+        cli = session.client("s3", config=_client_config())
+        _local.client = cli
+        _local.client_key = key
+    return cli
+
+
+def _s3_error(url: str, exc: Exception) -> StorageError:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return StorageError(f"{url}: {msg}")
+
+
+def exists(url: str) -> bool:
+    if is_s3(url):
+        from botocore.exceptions import ClientError
+
+        bucket, key = parse_s3(url)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _s3_error(url, e) from e
+        except Exception as e:  # endpoint unreachable, bad credentials...
+            raise _s3_error(url, e) from e
+    return os.path.exists(url)
+
+
+def list_files(url: str) -> List[str]:
+    """All object names (relative to ``url``) under a prefix / directory, recursively, sorted."""
+    if is_s3(url):
+        bucket, prefix = parse_s3(url)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        out: List[str] = []
+        try:
+            paginator = s3_client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    out.append(obj["Key"][len(prefix):])
+        except Exception as e:
+            raise _s3_error(url, e) from e
+        return sorted(out)
+    if not os.path.isdir(url):
+        return []
+    out = []
+    for root, _dirs, files in os.walk(url):
+        for f in files:
+            out.append(os.path.relpath(os.path.join(root, f), url).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def get_bytes(url: str) -> bytes:
+    if is_s3(url):
+        bucket, key = parse_s3(url)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as e:
+            raise _s3_error(url, e) from e
+    try:
+        with open(url, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise StorageError(f"{url}: {e.strerror or e}") from e
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A readable binary stream (S3: streaming body)."""
+    if is_s3(url):
+        bucket, key = parse_s3(url)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as e:
+            raise _s3_error(url, e) from e
+    try:
+        return open(url, "rb")
+    except OSError as e:
+        raise StorageError(f"{url}: {e.strerror or e}") from e
+
+
+def _ensure_bucket(bucket: str, url: str) -> None:
+    from botocore.exceptions import ClientError
+
+    cli = s3_client()
+    try:
+        cli.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            try:
+                cli.create_bucket(Bucket=bucket)
+            except Exception as e2:
+                raise _s3_error(url, e2) from e2
+        else:
+            raise _s3_error(url, e) from e
+    except Exception as e:
+        raise _s3_error(url, e) from e
+
+
+def put_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` atomically to ``url``."""
+    if is_s3(url):
+        if len(data) >= MULTIPART_THRESHOLD:
+            put_stream(io.BytesIO(data), url)
+            return
+        bucket, key = parse_s3(url)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as e:
+            raise _s3_error(url, e) from e
+        return
+    d = os.path.dirname(os.path.abspath(url))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(url))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, url)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
+                          use_threads=True, max_concurrency=8)
+
+
+def put_stream(stream: IO[bytes], url: str) -> None:
+    bucket, key = parse_s3(url)
+    try:
+        s3_client().upload_fileobj(stream, bucket, key, Config=_transfer_config())
+    except Exception as e:
+        raise _s3_error(url, e) from e
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Copy a local file to ``url`` atomically (multipart upload for large files on S3)."""
+    if is_s3(url):
+        bucket, key = parse_s3(url)
+        try:
+            s3_client().upload_file(local_path, bucket, key, Config=_transfer_config())
+        except Exception as e:
+            raise _s3_error(url, e) from e
+        return
+    d = os.path.dirname(os.path.abspath(url))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(url))
+    os.close(fd)
+    try:
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, url)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def get_file(url: str, local_path: str) -> None:
+    """Download ``url`` to ``local_path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+    if is_s3(url):
+        bucket, key = parse_s3(url)
+        try:
+            s3_client().download_file(bucket, key, local_path, Config=_transfer_config())
+        except Exception as e:
+            raise _s3_error(url, e) from e
+        return
+    shutil.copyfile(url, local_path)
+
+
+def delete(url: str) -> None:
+    if is_s3(url):
+        bucket, key = parse_s3(url)
+        try:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            raise _s3_error(url, e) from e
+        return
+    if os.path.isdir(url):
+        shutil.rmtree(url)
+    elif os.path.exists(url):
+        os.unlink(url)
+
+
+def ensure_dir(url: str) -> None:
+    """Create a local directory, or make sure an S3 bucket exists (created when missing)."""
+    if is_s3(url):
+        bucket, _ = parse_s3(url)
+        _ensure_bucket(bucket, url)
+    else:
+        os.makedirs(url, exist_ok=True)
+
+
+def check_writable(url: str) -> None:
+    """Fail fast (StorageError naming the URL) when ``url`` cannot be written: unreachable
+    endpoint, wrong credentials, unwritable folder. Writes and deletes a small probe object."""
+    ensure_dir(url)
+    probe = join(url, f".ssfer-probe-{os.getpid()}")
+    try:
+        put_bytes(probe, b"ok")
+        delete(probe)
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError(f"{url}: not writable ({e.strerror or e})") from e
+
+
+def check_readable(url: str) -> None:
+    """Fail fast when ``url`` (an object/file) does not exist or cannot be read."""
+    try:
+        ok = exists(url)
+    except StorageError:
+        raise
+    if not ok:
+        raise StorageError(f"{url}: does not exist")
+
+
+def iter_chunks(stream: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+    while True:
+        b = stream.read(size)
+        if not b:
+            return
+        yield b
+
+
+def register_webdataset_s3() -> None:
+    """Register an ``s3://`` opener with ``webdataset.gopen_schemes`` (boto3 streaming GET).
+
+    webdataset 1.0.x only knows pipe:/http(s)/file; this makes ``WebDataset("s3://b/x.tar")`` work
+    with the same credentials/endpoint as the rest of the system. Idempotent.
+    """
+    import webdataset
+
+    schemes = webdataset.gopen_schemes
+    if "s3" in schemes and getattr(schemes["s3"], "_ssfer", False):
+        return
+
+    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+        if mode[0] != "r":
+            raise StorageError(f"{url}: s3 opener is read-only")
+        return _ReadStream(open_read(url))
+
+    gopen_s3._ssfer = True  # type: ignore[attr-defined]
+    schemes["s3"] = gopen_s3
+
+
+class _ReadStream(io.RawIOBase):
+    """Wrap a botocore StreamingBody as a proper file object (webdataset calls close())."""
+
+    def __init__(self, body):
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._body.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+    def close(self) -> None:
+        try:
+            self._body.close()
+        finally:
+            super().close()
+
+
+def local_path_or_none(url: str) -> Optional[str]:
+    return None if is_s3(url) else url

@@ -1,0 +1,66 @@
+import os
+
+import pytest
+
+from ssfer_dist import storage
+
+
+def _roundtrip(base):
+    storage.ensure_dir(base)
+    storage.put_bytes(storage.join(base, "a/b.bin"), b"hello")
+    storage.put_bytes(storage.join(base, "c.bin"), b"x" * 10)
+    assert storage.exists(storage.join(base, "a/b.bin"))
+    assert not storage.exists(storage.join(base, "nope.bin"))
+    assert storage.get_bytes(storage.join(base, "a/b.bin")) == b"hello"
+    assert storage.list_files(base) == ["a/b.bin", "c.bin"]
+    storage.delete(storage.join(base, "c.bin"))
+    assert storage.list_files(base) == ["a/b.bin"]
+
+
+def test_local_roundtrip(tmp_path):
+    _roundtrip(str(tmp_path / "store"))
+    # atomic local writes leave no temporary files behind
+    assert not [f for f in os.listdir(tmp_path / "store") if f.startswith(".tmp-")]
+
+
+def test_s3_roundtrip(s3_bucket, tmp_path):
+    _roundtrip(s3_bucket + "/prefix")
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+    storage.put_file(str(src), s3_bucket + "/big.bin")
+    storage.get_file(s3_bucket + "/big.bin", str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+
+
+def test_s3_multipart(s3_bucket, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(storage, "MULTIPART_CHUNK", 5 * 1024 * 1024)
+    data = os.urandom(11 * 1024 * 1024)
+    storage.put_bytes(s3_bucket + "/mp.bin", data)
+    assert storage.get_bytes(s3_bucket + "/mp.bin") == data
+
+
+def test_s3_wrong_credentials_named_in_error(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(storage.StorageError) as e:
+        storage.check_writable("s3://ssfer-nope/x")
+    assert "s3://ssfer-nope" in str(e.value)
+
+
+def test_webdataset_s3_opener(s3_bucket):
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(3):
+            data = f"{i}".encode()
+            ti = tarfile.TarInfo(f"k{i}.txt")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    storage.put_bytes(s3_bucket + "/t.tar", buf.getvalue())
+    storage.register_webdataset_s3()
+    got = [s["txt"] for s in wds.WebDataset(s3_bucket + "/t.tar", shardshuffle=False)]
+    assert got == [b"0", b"1", b"2"]
