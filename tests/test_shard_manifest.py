@@ -1,0 +1,41 @@
+"""Manifest API (contract 2): round trip, determinism, bad manifests."""
+import pytest
+
+from sharding.manifest import ShardInfo, read_manifest, write_manifest, manifest_bytes
+from ssfer_dist.errors import UserError
+
+
+def _shards():
+    return [ShardInfo(name=f"x-{i:06d}.tar", url=f"/old/x-{i:06d}.tar", num_samples=2, num_bytes=100 + i,
+                      sha256="ab" * 32, class_hist=[1, 1, 0, 0, 0, 0, 0], keys=[f"x/{i}a", f"x/{i}b"], classes=[0, 1])
+            for i in (1, 0)]
+
+
+def test_roundtrip(tmp_path):
+    write_manifest(str(tmp_path), _shards(), dataset="x", image_size=112, num_classes=7)
+    m = read_manifest(str(tmp_path / "manifest.parquet"))
+    assert m.url == str(tmp_path)
+    assert [s.name for s in m.shards] == ["x-000000.tar", "x-000001.tar"]
+    assert m.shard_urls() == [str(tmp_path / "x-000000.tar"), str(tmp_path / "x-000001.tar")]
+    assert m.num_samples == 4 and m.num_classes == 7 and m.image_size == 112 and m.dataset == "x"
+    assert m.class_names[:2] == ["neutral", "happiness"]
+    idx = m.index()
+    assert idx.column_names == ["key", "shard", "cls"]
+    assert idx.column("key").to_pylist() == ["x/0a", "x/0b", "x/1a", "x/1b"]
+    assert idx.column("cls").to_pylist() == [0, 1, 0, 1]
+    assert m.class_hist()[:2] == [2, 2]
+    light = read_manifest(str(tmp_path), with_index=False)
+    assert light.num_samples == 4 and light.index().num_rows == 0
+
+
+def test_deterministic_bytes():
+    meta = {"dataset": "x", "image_size": 1}
+    assert manifest_bytes(_shards(), meta) == manifest_bytes(list(reversed(_shards())), meta)
+
+
+def test_missing_and_invalid(tmp_path):
+    with pytest.raises(UserError, match="manifest.parquet"):
+        read_manifest(str(tmp_path))
+    (tmp_path / "manifest.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="not a valid shard manifest"):
+        read_manifest(str(tmp_path))
