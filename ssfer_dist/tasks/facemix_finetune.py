@@ -1,0 +1,44 @@
+"""Stage 2: supervised fine-tuning with FaceMix."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ssfer_dist.data.facemix import facemix, facemix_loss
+from ssfer_dist.tasks.common import accuracy, prepare_images
+
+
+class FaceMixFinetune:
+    """``batch = {"image": [N,3,H,W], "label": long[N], "box": float[N,4]}`` -> loss + metrics.
+
+    One forward over ``cat([mixed, real])``; the loss is :func:`~ssfer_dist.data.facemix.facemix_loss`.
+    lam and the pairing are drawn from ``numpy.random.default_rng([seed, rank, step])``: a pure function of
+    the step. ``facemix_prob`` < 1 trains some steps with plain label-smoothed CE.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, alpha: float = 1.0, pairing: str = "reverse",
+                 smoothing: float = 0.1, seed: int = 0, rank: int = 0, facemix_prob: float = 1.0,
+                 input_dtype: Optional[torch.dtype] = None):
+        self.model, self.num_classes = model, int(num_classes)
+        self.alpha, self.pairing, self.smoothing = float(alpha), pairing, float(smoothing)
+        self.seed, self.rank, self.facemix_prob, self.input_dtype = int(seed), int(rank), float(facemix_prob), input_dtype
+
+    def __call__(self, batch: Dict[str, torch.Tensor], step: int) -> Dict:
+        x = prepare_images(batch["image"], self.input_dtype)
+        y = batch["label"].long()
+        rng = np.random.default_rng([self.seed, self.rank, int(step)])
+        if rng.random() >= self.facemix_prob:
+            logits = self.model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.smoothing)
+            return {"loss": loss, "loss_mix": 0.0, "loss_real": loss.item(), "acc": accuracy(logits, y),
+                    "iou": 0.0, "lam": 1.0}
+        mix = facemix(x, y, batch["box"], self.num_classes, self.alpha, self.pairing, self.smoothing, rng=rng)
+        n = x.shape[0]
+        logits = self.model(torch.cat([mix.images, x], dim=0))
+        logits_mixed, logits_real = logits[:n], logits[n:]
+        out = facemix_loss(logits_mixed, logits_real, mix)
+        return {"loss": out["loss"], "loss_mix": out["loss_mix"].item(), "loss_real": out["loss_real"].item(),
+                "acc": accuracy(logits_real, y), "iou": mix.iou.mean().item(), "lam": mix.lam}
