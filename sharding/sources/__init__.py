@@ -1,0 +1,39 @@
+"""Source readers, one per on-disk format; ``list_source`` dispatches on ``--format``."""
+from __future__ import annotations
+
+from typing import Optional
+
+from sharding.sources.base import FaceRecord, Listing, Skipped
+from ssfer_dist.errors import UserError
+
+__all__ = ["FORMATS", "list_source", "FaceRecord", "Listing", "Skipped"]
+
+FORMATS = ("image-folder", "insightface-rec", "rafdb", "affectnet", "ferplus")
+
+
+def list_source(fmt: str, input_path: str, *, split: str, name: Optional[str] = None, num_classes: int = 7,
+                boxes: Optional[str] = None) -> Listing:
+    """List the samples of ``input_path`` in format ``fmt`` (see ``FORMATS``) for ``split``
+    (``train`` | ``val`` | ``test`` | ``all``). ``name`` overrides the dataset name used in keys;
+    ``num_classes`` picks AffectNet's 7- or 8-class protocol; ``boxes`` is an optional VGGFace2
+    ``loose_bb`` CSV for image folders."""
+    import os
+
+    if not os.path.exists(input_path):
+        raise UserError(f"{input_path}: input does not exist")
+    if fmt == "image-folder":
+        from sharding.sources.image_folder import list_image_folder
+        return list_image_folder(input_path, name=name, boxes=boxes)
+    if fmt == "insightface-rec":
+        from sharding.sources.insightface import list_rec
+        return list_rec(input_path, name=name)
+    if fmt == "rafdb":
+        from sharding.sources.rafdb import list_rafdb
+        return list_rafdb(input_path, split=split, name=name)
+    if fmt == "affectnet":
+        from sharding.sources.affectnet import list_affectnet
+        return list_affectnet(input_path, split=split, name=name, num_classes=num_classes)
+    if fmt == "ferplus":
+        from sharding.sources.ferplus import list_ferplus
+        return list_ferplus(input_path, split=split, name=name)
+    raise UserError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")

@@ -1,0 +1,300 @@
+"""``ssfer-shard build``: list a source, plan shards, build them (in-process, a process pool or Ray
+tasks), then write ``report.json`` and — last — ``manifest.parquet``.
+
+Determinism: records are sorted by key, shuffled with ``random.Random(seed)`` and cut into shards of
+``samples_per_shard`` records (also cut before ``max_shard_bytes`` by the records' size hints, an
+estimate from the source sizes). Each shard's content depends only on its records and the options,
+so reruns, any ``--workers`` and Ray all give identical shards and the same manifest.
+
+Resume: a shard whose ``_build/<name>.json`` sidecar matches the plan (see ``writer.check_done``) is
+not rebuilt. Structural input errors are raised while listing, before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, List, Optional
+
+from sharding import manifest as mf
+from sharding.process import ProcessOptions
+from sharding.sources import list_source
+from sharding.sources.base import FaceRecord, Skipped
+from sharding.writer import ShardPlan, WriterConfig, build_shard, check_done, info_from_dict
+from ssfer_dist import storage
+from ssfer_dist.data.schema import REPORT_NAME
+from ssfer_dist.errors import UserError
+
+__all__ = ["BuildConfig", "run_build", "plan_shards"]
+
+log = logging.getLogger(__name__)
+
+TAR_OVERHEAD = 3 * 1024  # three tar headers + padding per sample (approximate)
+MAX_REPORTED_SKIPS = 1_000_000
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Everything ``ssfer-shard build`` takes (the CLI maps its flags 1:1 onto this)."""
+
+    format: str
+    input: str
+    output: str
+    split: str = "train"
+    image_size: int = 112
+    samples_per_shard: int = 1000
+    max_shard_bytes: int = 1 << 30
+    workers: int = 1
+    seed: int = 0
+    name: Optional[str] = None
+    detector: str = "none"
+    num_classes: int = 7
+    boxes: Optional[str] = None
+    jpeg_quality: int = 95
+    box_scale: float = 1.25
+    max_pixels: int = 64 * 1024 * 1024
+    use_ray: bool = False
+    progress: bool = True
+
+
+def _dedupe(records: List[FaceRecord], skipped: List[Skipped]) -> List[FaceRecord]:
+    records.sort(key=lambda r: (r.key, r.source_id))
+    out: List[FaceRecord] = []
+    for r in records:
+        if out and out[-1].key == r.key:
+            skipped.append(Skipped("duplicate_key", r.source_id, f"key {r.key} already used by {out[-1].source_id}"))
+            continue
+        out.append(r)
+    return out
+
+
+def plan_shards(records: List[FaceRecord], name: str, samples_per_shard: int, max_shard_bytes: int, seed: int,
+                options_fp: str) -> List[ShardPlan]:
+    """Shuffle (seeded) and cut ``records`` (already sorted and unique by key) into shard plans."""
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    plans: List[ShardPlan] = []
+    cur: List[FaceRecord] = []
+    cur_bytes = 0
+    for r in order:
+        est = r.size_hint + TAR_OVERHEAD
+        if cur and (len(cur) >= samples_per_shard or cur_bytes + est > max_shard_bytes):
+            plans.append(ShardPlan(len(plans), f"{name}-{len(plans):06d}.tar", cur))
+            cur, cur_bytes = [], 0
+        cur.append(r)
+        cur_bytes += est
+    if cur:
+        plans.append(ShardPlan(len(plans), f"{name}-{len(plans):06d}.tar", cur))
+    for p in plans:
+        h = hashlib.sha256(options_fp.encode())
+        for r in p.records:
+            h.update(repr((r.key, r.load, r.cls, r.box, r.box_source)).encode())
+        p.fingerprint = h.hexdigest()
+    return plans
+
+
+# ------------------------------------------------------------------------------------------ executors
+_WORKER: Dict[str, Any] = {}
+
+
+def _pool_init(cfg: WriterConfig, counter) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    _WORKER["cfg"] = cfg
+    _WORKER["counter"] = counter
+
+
+def _pool_task(plan: ShardPlan) -> Dict[str, Any]:
+    counter = _WORKER["counter"]
+
+    def progress(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    return build_shard(plan, _WORKER["cfg"], progress)
+
+
+def _run_inprocess(plans, wcfg, bar, on_result):
+    for p in plans:
+        on_result(build_shard(p, wcfg, bar.update if bar else None))
+
+
+def _run_pool(plans, wcfg, workers, bar, on_result):
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    shown = 0
+    with ctx.Pool(workers, initializer=_pool_init, initargs=(wcfg, counter)) as pool:
+        pending = [pool.apply_async(_pool_task, (p,)) for p in plans]
+        while pending:
+            still = []
+            for a in pending:
+                if a.ready():
+                    on_result(a.get())
+                else:
+                    still.append(a)
+            pending = still
+            if bar is not None:
+                v = counter.value
+                if v > shown:
+                    bar.update(v - shown)
+                    shown = v
+            if pending:
+                pending[0].wait(0.2)
+
+
+def _forward_env() -> Dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+def _run_ray(plans, wcfg, bar, on_result):
+    import ray
+
+    if not ray.is_initialized():
+        addr = os.environ.get("RAY_ADDRESS")
+        ray.init(address=addr or None, log_to_driver=False, include_dashboard=False)
+    env = _forward_env() if storage.is_s3(wcfg.output) else {}
+    opts: Dict[str, Any] = {"num_cpus": 1, "max_retries": 2}
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    remote = ray.remote(_ray_task).options(**opts)
+    cfg_ref = ray.put(wcfg)
+    refs = {remote.remote(p, cfg_ref): p for p in plans}
+    while refs:
+        done, _ = ray.wait(list(refs), num_returns=1)
+        for r in done:
+            p = refs.pop(r)
+            res = ray.get(r)
+            on_result(res)
+            if bar is not None:
+                bar.update(len(p.records))
+
+
+def _ray_task(plan: ShardPlan, cfg: WriterConfig) -> Dict[str, Any]:
+    return build_shard(plan, cfg)
+
+
+# ------------------------------------------------------------------------------------------ the build
+def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dict[str, Any]:
+    """Build verified shards for ``cfg``; returns the report dict (also written to ``report.json``).
+
+    Raises ``UserError`` for structural input problems (before writing anything) and unusable
+    outputs. ``executor_hook`` (tests) wraps each shard result as it arrives.
+    """
+    t0 = time.time()
+    if cfg.image_size < 8:
+        raise UserError(f"--image-size {cfg.image_size}: must be at least 8")
+    if cfg.samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1")
+    if cfg.detector not in ("none", "haar", "mtcnn"):
+        raise UserError(f"--detector {cfg.detector}: expected none, haar or mtcnn")
+    listing = list_source(cfg.format, cfg.input, split=cfg.split, name=cfg.name, num_classes=cfg.num_classes,
+                          boxes=cfg.boxes)
+    name = cfg.name or listing.dataset
+    skipped_listing = list(listing.skipped)
+    records = _dedupe(listing.records, skipped_listing)
+    if not records:
+        raise UserError(f"{cfg.input}: no usable samples for --split {cfg.split} "
+                        f"({len(skipped_listing)} skipped while listing)")
+    if cfg.detector != "none":
+        from sharding.detect import make_detector
+
+        make_detector(cfg.detector)  # fail fast (missing package) before any work
+    storage.check_writable(cfg.output)
+    popts = ProcessOptions(image_size=cfg.image_size, jpeg_quality=cfg.jpeg_quality, box_scale=cfg.box_scale,
+                           max_pixels=cfg.max_pixels)
+    options_fp = json.dumps([FORMAT_VERSION, dataclasses.asdict(popts), cfg.detector, listing.num_classes],
+                            sort_keys=True)
+    plans = plan_shards(records, name, cfg.samples_per_shard, cfg.max_shard_bytes, cfg.seed, options_fp)
+    wcfg = WriterConfig(output=cfg.output, process=popts, detector=cfg.detector, num_classes=listing.num_classes)
+
+    results: Dict[str, Dict[str, Any]] = {}
+    todo: List[ShardPlan] = []
+    for p in plans:
+        done = check_done(p, wcfg)
+        if done is not None:
+            results[p.name] = done
+        else:
+            todo.append(p)
+    resumed = len(results)
+    if resumed:
+        log.info("resuming: %d of %d shards already complete", resumed, len(plans))
+    num_todo = sum(len(p.records) for p in todo)
+    log.info("building %d shards (%d samples) into %s", len(todo), num_todo, cfg.output)
+
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_todo, unit="img", unit_scale=True, desc=f"build {name}", smoothing=0.1)
+
+    def on_result(res: Dict[str, Any]) -> None:
+        if executor_hook is not None:
+            executor_hook(res)
+        results[res["shard"]["name"]] = res
+
+    use_ray = cfg.use_ray or bool(os.environ.get("RAY_ADDRESS"))
+    try:
+        if not todo:
+            pass
+        elif use_ray:
+            _run_ray(todo, wcfg, bar, on_result)
+        elif cfg.workers > 1 and len(todo) > 1:
+            _run_pool(todo, wcfg, min(cfg.workers, len(todo)), bar, on_result)
+        else:
+            _run_inprocess(todo, wcfg, bar, on_result)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    ordered = [results[p.name] for p in plans]
+    shards = [info_from_dict(r["shard"], cfg.output) for r in ordered]
+    shards = [s for s in shards if s.num_samples > 0] or shards
+    elapsed = time.time() - t0
+    report = _report(cfg, name, listing, skipped_listing, ordered, shards, resumed, elapsed, num_todo)
+    storage.put_bytes(storage.join(cfg.output, REPORT_NAME), json.dumps(report, indent=1, sort_keys=True).encode())
+    mf.write_manifest(cfg.output, shards, dataset=name, image_size=cfg.image_size, num_classes=listing.num_classes,
+                      extra={"format": cfg.format, "split": cfg.split, "seed": cfg.seed,
+                             "samples_per_shard": cfg.samples_per_shard, "detector": cfg.detector,
+                             "box_scale": cfg.box_scale, "jpeg_quality": cfg.jpeg_quality})
+    return report
+
+
+def _report(cfg, name, listing, skipped_listing, ordered, shards, resumed, elapsed, num_built) -> Dict[str, Any]:
+    skipped = [s.as_dict() for s in skipped_listing]
+    counts: Counter = Counter()
+    for r in ordered:
+        skipped.extend(r["skipped"])
+        counts.update(r["counts"])
+    by_reason = Counter(s["reason"] for s in skipped)
+    num_samples = sum(s.num_samples for s in shards)
+    return {
+        "dataset": name,
+        "format": cfg.format,
+        "input": cfg.input,
+        "output": cfg.output,
+        "split": cfg.split,
+        "num_listed": len(listing.records) + len(listing.skipped),
+        "num_samples": num_samples,
+        "num_shards": len(shards),
+        "num_bytes": sum(s.num_bytes for s in shards),
+        "num_classes": listing.num_classes,
+        "class_hist": [sum(s.class_hist[i] for s in shards) for i in range(listing.num_classes)],
+        "num_skipped": len(skipped),
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "skipped": skipped[:MAX_REPORTED_SKIPS],
+        "skipped_truncated": len(skipped) > MAX_REPORTED_SKIPS,
+        "box_sources": {k[4:]: v for k, v in sorted(counts.items()) if k.startswith("box_")},
+        "fallback_boxes": counts.get("box_fallback", 0),
+        "passed_through": counts.get("passed_through", 0),
+        "reencoded": counts.get("reencoded", 0),
+        "resumed_shards": resumed,
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(num_built / elapsed, 1) if elapsed > 0 else None,
+        "source_info": listing.info,
+    }

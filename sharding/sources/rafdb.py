@@ -1,0 +1,60 @@
+"""RAF-DB basic: ``EmoLabel/list_patition_label.txt`` (lines ``train_00001.jpg 5``, labels 1-7 =
+Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral) and aligned images
+``Image/aligned/train_00001_aligned.jpg`` (100x100, face fills the frame -> box = whole frame).
+Split by the name prefix ``train_`` / ``test_``."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from sharding.sources.base import FaceRecord, Listing, Skipped
+from ssfer_dist.data.schema import RAFDB_TO_CANONICAL, make_key
+from ssfer_dist.errors import UserError
+
+__all__ = ["list_rafdb", "LABEL_FILE"]
+
+LABEL_FILE = os.path.join("EmoLabel", "list_patition_label.txt")
+
+
+def list_rafdb(root: str, *, split: str, name: Optional[str] = None) -> Listing:
+    """List RAF-DB basic samples of ``split`` (train | test | all) with canonical classes."""
+    if split not in ("train", "test", "all"):
+        raise UserError(f"--split {split}: RAF-DB has train and test (or all)")
+    dataset = name or "rafdb"
+    label_file = os.path.join(root, LABEL_FILE)
+    if not os.path.exists(label_file):
+        raise UserError(f"{label_file}: RAF-DB label file missing (expected EmoLabel/list_patition_label.txt under --input)")
+    img_dir = os.path.join(root, "Image", "aligned")
+    records: List[FaceRecord] = []
+    skipped: List[Skipped] = []
+    with open(label_file, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            s = line.strip()
+            if not s:
+                continue
+            parts = s.split()
+            where = f"{label_file}:{lineno}"
+            if len(parts) != 2:
+                raise UserError(f"{where}: expected '<name>.jpg <label 1-7>', got {s[:80]!r}")
+            fname, lab = parts
+            try:
+                label = int(lab)
+            except ValueError:
+                raise UserError(f"{where}: label must be an integer 1-7, got {lab!r}") from None
+            stem = os.path.splitext(fname)[0]
+            if not (stem.startswith("train_") or stem.startswith("test_")):
+                raise UserError(f"{where}: image name must start with train_ or test_, got {fname!r}")
+            if split != "all" and not stem.startswith(split + "_"):
+                continue
+            if not 1 <= label <= len(RAFDB_TO_CANONICAL):
+                skipped.append(Skipped("unknown_class", where, f"label {label} not in 1-7"))
+                continue
+            path = os.path.join(img_dir, f"{stem}_aligned.jpg")
+            if not os.path.exists(path):
+                skipped.append(Skipped("missing_image", where, path))
+                continue
+            records.append(FaceRecord(
+                key=make_key(dataset, stem), source=dataset, source_id=fname, load=("file", path),
+                cls=RAFDB_TO_CANONICAL[label - 1], label_orig=label, box_source="frame",
+                size_hint=os.path.getsize(path)))
+    return Listing(records, skipped, 7, dataset)

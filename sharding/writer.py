@@ -1,0 +1,275 @@
+"""Shard writing: one worker builds one whole shard, start to finish.
+
+``build_shard(plan, cfg)`` loads + processes the plan's records in order, writes them with
+``webdataset.TarWriter`` (fixed mtime/owner so equal inputs give byte-identical tars) to a temporary
+file, hashes it, and only then publishes it under its final name:
+
+- local output: the temporary file lives in the output folder under a hidden ``.tmp-`` name and is
+  ``os.replace``-d onto the final name (atomic, no copy);
+- S3 output: the temporary file is local and goes up with ``ssfer_dist.storage.put_file`` (a PUT or a
+  completed multipart upload is visible whole or not at all).
+
+After the shard is published a small sidecar ``_build/<shard>.json`` records its ShardInfo, the
+plan's fingerprint and the per-sample skips. A rerun trusts a shard only when its sidecar's
+fingerprint matches the new plan and the shard's size (and, for local shards, sha256) match.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from typing import Any, Dict, List, Optional, Tuple
+
+from sharding.manifest import ShardInfo, class_hist_of
+from sharding.process import ProcessOptions, SkipSample, pixels_to_image, process_image
+from sharding.sources.base import FaceRecord
+from ssfer_dist import storage
+from ssfer_dist.data.schema import SampleMeta, sample_to_members
+
+__all__ = ["ShardPlan", "WriterConfig", "build_shard", "load_record", "sidecar_url", "check_done", "sha256_file",
+           "open_tar_writer", "publish"]
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "_build"
+TAR_MTIME = 0.0
+TAR_USER = "ssfer"
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterConfig:
+    """What every shard task needs: output folder, processing options, detector kind, classes."""
+
+    output: str
+    process: ProcessOptions
+    detector: str = "none"
+    num_classes: int = 0
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    """One shard to build: its index/name, its records in order, and the plan fingerprint."""
+
+    index: int
+    name: str
+    records: List[FaceRecord]
+    fingerprint: str = ""
+
+
+def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def sidecar_url(output: str, shard_name: str) -> str:
+    return storage.join(output, STATE_DIR, shard_name + ".json")
+
+
+def open_tar_writer(fileobj):
+    """A ``webdataset.TarWriter`` with fixed metadata (reproducible tars); samples are bytes."""
+    import webdataset as wds
+
+    return wds.TarWriter(fileobj, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class _Handles:
+    """Open file handles of one worker (``.rec`` files stay open across records)."""
+
+    def __init__(self):
+        self.files: Dict[str, Any] = {}
+
+    def get(self, path: str):
+        f = self.files.get(path)
+        if f is None:
+            f = self.files[path] = open(path, "rb")
+        return f
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+def load_record(rec: FaceRecord, handles: Optional[_Handles] = None) -> Tuple[Any, Dict[str, Any]]:
+    """The raw image of ``rec`` (bytes or a PIL image) plus metadata learnt while loading
+    (insightface records carry their identity label). Raises ``SkipSample``."""
+    kind = rec.load[0]
+    if kind == "file":
+        try:
+            with open(rec.load[1], "rb") as f:
+                return f.read(), {}
+        except FileNotFoundError:
+            raise SkipSample("missing_image", rec.load[1]) from None
+        except OSError as e:
+            raise SkipSample("unreadable_file", f"{rec.load[1]}: {e.strerror or e}") from None
+    if kind == "rec":
+        from sharding.sources.insightface import RecError, read_record, record_class, unpack_payload
+
+        path, offset = rec.load[1], rec.load[2]
+        f = handles.get(path) if handles else open(path, "rb")
+        try:
+            _flag, label, labels, img = unpack_payload(read_record(f, offset))
+        except RecError as e:
+            raise SkipSample("corrupt_record", f"{path}@{offset}: {e}") from None
+        finally:
+            if handles is None:
+                f.close()
+        ident = record_class(label, labels)
+        lab = [float(v) for v in labels] if labels is not None else float(label)
+        return img, {"identity": str(int(ident)), "label_orig": lab}
+    if kind == "pixels":
+        return pixels_to_image(rec.load[1], rec.load[2], rec.load[3]), {}
+    raise ValueError(f"unknown record loader {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def publish(local_tmp: str, url: str) -> None:
+    """Make the finished temporary tar visible under ``url`` atomically."""
+    if storage.is_s3(url):
+        storage.put_file(local_tmp, url)
+    else:
+        os.replace(local_tmp, url)
+
+
+def _tmp_path(cfg: WriterConfig, name: str) -> str:
+    if storage.is_s3(cfg.output):
+        fd, path = tempfile.mkstemp(prefix=f"ssfer-{name}-", suffix=".tar")
+    else:
+        os.makedirs(cfg.output, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f".tmp-{name}-", suffix=".part", dir=cfg.output)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
+_DETECTORS: Dict[str, Any] = {}
+
+
+def _detector(kind: str):
+    if kind == "none":
+        return None
+    if kind not in _DETECTORS:
+        from sharding.detect import make_detector
+
+        _DETECTORS[kind] = make_detector(kind)
+    return _DETECTORS[kind]
+
+
+def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, Any]:
+    """Build, publish and record one whole shard. Returns a JSON-able result: ``shard`` (ShardInfo
+    fields), ``skipped`` (list of dicts), ``counts`` (box sources, pass-through)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = cfg.process.max_pixels
+    detector = _detector(cfg.detector)
+    url = storage.join(cfg.output, plan.name)
+    tmp = _tmp_path(cfg, plan.name)
+    handles = _Handles()
+    keys: List[str] = []
+    classes: List[int] = []
+    skipped: List[Dict[str, str]] = []
+    counts: Counter = Counter()
+    pending = 0
+    try:
+        with open(tmp, "wb") as fobj:
+            writer = open_tar_writer(fobj)
+            for rec in plan.records:
+                pending += 1
+                if progress is not None and pending >= 64:
+                    progress(pending)
+                    pending = 0
+                try:
+                    raw, extra = load_record(rec, handles)
+                    out = process_image(raw, rec.box, rec.box_source, cfg.process, detector)
+                except SkipSample as e:
+                    skipped.append({"reason": e.reason, "item": rec.key, "source": _where(rec), "detail": e.detail})
+                    continue
+                meta = SampleMeta(source=rec.source, source_id=rec.source_id, box=out.box, orig_size=out.orig_size,
+                                  box_source=out.box_source, identity=extra.get("identity", rec.identity),
+                                  label_orig=extra.get("label_orig", rec.label_orig), cls=rec.cls)
+                writer.write(sample_to_members(rec.key, out.jpeg, meta))
+                keys.append(rec.key)
+                classes.append(rec.cls)
+                counts["box_" + out.box_source] += 1
+                counts["passed_through" if out.passed_through else "reencoded"] += 1
+            writer.close()
+        if progress is not None and pending:
+            progress(pending)
+        info = ShardInfo(name=plan.name, url=url, num_samples=len(keys), num_bytes=os.path.getsize(tmp),
+                         sha256=sha256_file(tmp), class_hist=class_hist_of(classes, cfg.num_classes),
+                         keys=keys, classes=classes)
+        publish(tmp, url)
+    finally:
+        handles.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    result = {"shard": _info_dict(info), "skipped": skipped, "counts": dict(counts), "fingerprint": plan.fingerprint}
+    storage.put_bytes(sidecar_url(cfg.output, plan.name), json.dumps(result, sort_keys=True).encode())
+    return result
+
+
+def _where(rec: FaceRecord) -> str:
+    if rec.load[0] == "file":
+        return rec.load[1]
+    if rec.load[0] == "rec":
+        return f"{rec.load[1]}@{rec.load[2]}"
+    return rec.source_id
+
+
+def _info_dict(info: ShardInfo) -> Dict[str, Any]:
+    return dataclasses.asdict(info)
+
+
+def info_from_dict(d: Dict[str, Any], output: str) -> ShardInfo:
+    d = dict(d)
+    d["url"] = storage.join(output, d["name"])
+    return ShardInfo(**d)
+
+
+def _remote_size(url: str) -> Optional[int]:
+    if storage.is_s3(url):
+        from botocore.exceptions import ClientError
+
+        bucket, key = storage.parse_s3(url)
+        try:
+            return int(storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError:
+            return None
+    try:
+        return os.path.getsize(url)
+    except OSError:
+        return None
+
+
+def check_done(plan: ShardPlan, cfg: WriterConfig) -> Optional[Dict[str, Any]]:
+    """The recorded result of ``plan`` when its shard is already complete (sidecar fingerprint,
+    name, size and — for local shards — sha256 all match), else ``None``."""
+    side = sidecar_url(cfg.output, plan.name)
+    try:
+        if not storage.exists(side):
+            return None
+        res = json.loads(storage.get_bytes(side))
+    except (ValueError, storage.StorageError):
+        return None
+    shard = res.get("shard", {})
+    if res.get("fingerprint") != plan.fingerprint or shard.get("name") != plan.name:
+        return None
+    url = storage.join(cfg.output, plan.name)
+    if _remote_size(url) != shard.get("num_bytes"):
+        return None
+    if not storage.is_s3(url) and sha256_file(url) != shard.get("sha256"):
+        return None
+    return res
