@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from typing import Any, Dict, List, Set
 
 from sharding.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
 from sharding.verify import iter_tar_samples
-from sharding.writer import open_tar_writer, publish, sha256_file
+from sharding.writer import open_tar_writer, publish, sha256_file, tmp_path_for
 from ssfer_dist import storage
 from ssfer_dist.data.schema import EXT_CLASS, decode_cls
 from ssfer_dist.errors import UserError
@@ -56,8 +55,8 @@ class _RollingWriter:
         self._open_new = True
 
     def _start(self):
-        fd, self._tmp = tempfile.mkstemp(prefix="ssfer-split-", suffix=".tar")
-        self._f = os.fdopen(fd, "wb")
+        self._tmp = tmp_path_for(self.folder, f"{self.name}-{len(self.shards):06d}.tar")
+        self._f = open(self._tmp, "wb")
         self._w = open_tar_writer(self._f)
         self._keys: List[str] = []
         self._classes: List[int] = []

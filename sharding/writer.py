@@ -1,8 +1,8 @@
 """Shard writing: one worker builds one whole shard, start to finish.
 
-``build_shard(plan, cfg)`` loads + processes the plan's records in order, writes them with
-``webdataset.TarWriter`` (fixed mtime/owner so equal inputs give byte-identical tars) to a temporary
-file, hashes it, and only then publishes it under its final name:
+``build_shard(plan, cfg)`` loads + processes the plan's records in order, writes them as WebDataset
+tar members (``SampleTarWriter``; fixed mtime/owner so equal inputs give byte-identical tars) to a
+temporary file, hashes it, and only then publishes it under its final name:
 
 - local output: the temporary file lives in the output folder under a hidden ``.tmp-`` name and is
   ``os.replace``-d onto the final name (atomic, no copy);
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
+import tarfile
 import tempfile
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,7 +33,7 @@ from ssfer_dist import storage
 from ssfer_dist.data.schema import SampleMeta, sample_to_members
 
 __all__ = ["ShardPlan", "WriterConfig", "build_shard", "load_record", "sidecar_url", "check_done", "sha256_file",
-           "open_tar_writer", "publish"]
+           "open_tar_writer", "publish", "tmp_path_for"]
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,42 @@ def sidecar_url(output: str, shard_name: str) -> str:
     return storage.join(output, STATE_DIR, shard_name + ".json")
 
 
-def open_tar_writer(fileobj):
-    """A ``webdataset.TarWriter`` with fixed metadata (reproducible tars); samples are bytes."""
-    import webdataset as wds
+class SampleTarWriter:
+    """Writes samples (``{"__key__": key, ext: bytes, ...}``) as WebDataset tar members ``key.ext``.
 
-    return wds.TarWriter(fileobj, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER)
+    The same layout as ``webdataset.TarWriter(encoder=False)`` — USTAR, members of a sample
+    consecutive and sorted by extension, mode 0o444 — with a fixed mtime/owner so equal inputs give
+    byte-identical tars. Written on ``tarfile`` directly because ``import webdataset`` (1.0.x) imports
+    torch, which costs every worker process seconds of start-up; the shards are read back with
+    ``webdataset`` in the tests.
+    """
+
+    def __init__(self, fileobj):
+        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: Dict[str, Any]) -> int:
+        key = sample["__key__"]
+        total = 0
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            data = sample[ext]
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size = len(data)
+            ti.mtime = TAR_MTIME
+            ti.mode = 0o444
+            ti.uname = ti.gname = TAR_USER
+            self.tar.addfile(ti, io.BytesIO(data))
+            total += ti.size
+        return total
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+def open_tar_writer(fileobj) -> SampleTarWriter:
+    """A tar writer for samples with fixed metadata (reproducible tars)."""
+    return SampleTarWriter(fileobj)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -142,12 +175,14 @@ def publish(local_tmp: str, url: str) -> None:
         os.replace(local_tmp, url)
 
 
-def _tmp_path(cfg: WriterConfig, name: str) -> str:
-    if storage.is_s3(cfg.output):
+def tmp_path_for(output: str, name: str) -> str:
+    """A fresh temporary file for shard ``name``: in ``output`` (hidden ``.tmp-`` name) for local
+    folders, so publishing is a same-filesystem rename; in the system temp folder for S3."""
+    if storage.is_s3(output):
         fd, path = tempfile.mkstemp(prefix=f"ssfer-{name}-", suffix=".tar")
     else:
-        os.makedirs(cfg.output, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix=f".tmp-{name}-", suffix=".part", dir=cfg.output)
+        os.makedirs(output, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f".tmp-{name}-", suffix=".part", dir=output)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -176,7 +211,7 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
     Image.MAX_IMAGE_PIXELS = cfg.process.max_pixels
     detector = _detector(cfg.detector)
     url = storage.join(cfg.output, plan.name)
-    tmp = _tmp_path(cfg, plan.name)
+    tmp = tmp_path_for(cfg.output, plan.name)
     handles = _Handles()
     keys: List[str] = []
     classes: List[int] = []
