@@ -1,0 +1,510 @@
+"""One typed, frozen config tree for every training stage, loaded from YAML.
+
+YAML sections map 1:1 onto the dataclasses below. Unknown keys and wrong types are rejected with
+the key path (``optim.base_lr: expected float, got 'abc'``). ``--set a.b=value`` overrides are
+parsed with YAML scalar typing and validated the same way. Derived values (global batch, effective
+learning rate, steps) are computed by :func:`derived` — printed by ``--dry-run`` and logged, never
+written back into the tree (DESIGN rule 3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import yaml
+
+from ssfer_dist.errors import UserError
+
+__all__ = [
+    "Config", "RunCfg", "ScalingCfg", "FailureCfg", "CheckpointCfg", "ModelCfg", "InitCfg", "DataCfg",
+    "UnlabeledSource", "OptimCfg", "TrainCfg", "FaceMixCfg", "SemiSupCfg", "ThresholdCfg", "DebugCfg",
+    "PipelineCfg", "load_config", "load_pipeline", "from_dict", "to_dict", "apply_overrides", "derived",
+    "ConfigError",
+]
+
+
+class ConfigError(UserError):
+    """A config problem; the message starts with the file and key path."""
+
+
+Stage = Literal["mae", "facemix", "semisup"]
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    name: str = "run"                 # run folder name under storage
+    storage: str = "runs"             # local folder or s3://bucket/prefix
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScalingCfg:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0      # 0 with use_gpu -> 1 GPU per worker
+    resources_per_worker: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FailureCfg:
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointCfg:
+    every_steps: int = 0              # 0: only at the end
+    num_to_keep: int = 2
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    size: Literal["micro", "tiny", "small", "base", "large", "huge"] = "base"
+    img_size: int = 224
+    patch_size: int = 16
+    # MAE
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    # classifier
+    global_pool: Literal["token", "avg"] = "token"
+    drop_path: float = 0.1
+
+
+@dataclass(frozen=True)
+class InitCfg:
+    weights: Optional[str] = None     # safetensors file or export/ folder of the previous stage
+
+
+@dataclass(frozen=True)
+class UnlabeledSource:
+    shards: str = ""                  # shard folder/URL holding manifest.parquet
+    weight: float = 1.0               # mixing weight among unlabeled sources
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    shards: str = ""                  # (labeled) shard folder/URL holding manifest.parquet
+    unlabeled: List[UnlabeledSource] = field(default_factory=list)   # semisup only
+    batch_size_per_rank: int = 64     # labeled / MAE images per rank per micro-step
+    mu: int = 1                       # unlabeled : labeled batch ratio (semisup)
+    num_loader_workers: int = 2       # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000
+    uint8: bool = True                # ship uint8 tensors, normalise on device
+    draft_decode: bool = True         # PIL Image.draft reduced-size JPEG decode when upsampling is not needed
+    steps_per_epoch: Optional[int] = None   # default: manifest samples // global batch
+
+
+@dataclass(frozen=True)
+class OptimCfg:
+    base_lr: float = 1.5e-4           # lr = base_lr * global_batch / 256 unless lr is set
+    lr: Optional[float] = None        # absolute lr (overrides the scaling rule)
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    layer_decay: Optional[float] = None   # classifier only (e.g. 0.65)
+    warmup_steps: Optional[int] = None
+    warmup_epochs: float = 0.0        # used when warmup_steps is not set
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    stage: Stage = "mae"
+    epochs: float = 1.0               # total steps = epochs * steps_per_epoch unless max_steps is set
+    max_steps: Optional[int] = None
+    grad_accum: int = 1
+    grad_clip: Optional[float] = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    log_every: int = 10
+    preview_every: int = 0            # MAE reconstruction PNGs every N steps (0: off)
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class FaceMixCfg:
+    alpha: float = 1.0
+    label_smoothing: float = 0.1
+    enabled: bool = True              # False: plain supervised fine-tuning (baseline)
+
+
+@dataclass(frozen=True)
+class ThresholdCfg:
+    kind: Literal["fixed", "dtm", "freematch"] = "fixed"
+    tau: float = 0.7                  # fixed
+    dtm_init: float = 0.8
+    dtm_momentum: float = 0.9
+    dtm_every: int = 50               # steps between DTM updates
+    freematch_momentum: float = 0.999
+
+
+@dataclass(frozen=True)
+class SemiSupCfg:
+    lambda_u: float = 5.0
+    ema_decay: float = 0.999
+    label_smoothing: float = 0.0
+    threshold: ThresholdCfg = field(default_factory=ThresholdCfg)
+
+
+@dataclass(frozen=True)
+class DebugCfg:
+    fail_at_step: Optional[int] = None   # test-only fault injection: raise once at this step ...
+    fail_rank: int = 1                   # ... on this rank ...
+    fail_marker: Optional[str] = None    # ... recorded in this local file (so it fires only once)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunCfg = field(default_factory=RunCfg)
+    scaling: ScalingCfg = field(default_factory=ScalingCfg)
+    failure: FailureCfg = field(default_factory=FailureCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    init: InitCfg = field(default_factory=InitCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    facemix: FaceMixCfg = field(default_factory=FaceMixCfg)
+    semisup: SemiSupCfg = field(default_factory=SemiSupCfg)
+    debug: DebugCfg = field(default_factory=DebugCfg)
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    config: str = ""                  # stage YAML (relative to the pipeline file)
+    overrides: List[str] = field(default_factory=list)   # extra --set lines for this stage
+
+
+@dataclass(frozen=True)
+class PipelineCfg:
+    name: str = "pipeline"
+    storage: Optional[str] = None     # applied to every stage (run.storage) when set
+    pretrain: PipelineStage = field(default_factory=PipelineStage)
+    finetune: PipelineStage = field(default_factory=PipelineStage)
+    semisup: PipelineStage = field(default_factory=PipelineStage)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + "|".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return "list"
+    if origin in (tuple, Tuple):
+        return f"list of {len(typing.get_args(tp))}"
+    if origin in (dict, Dict):
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against type ``tp``; return the converted value or raise ConfigError(path)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, path)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        for a in typing.get_args(tp):
+            if value == a and type(value) is type(a):
+                return a
+        raise bad
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (et,) = typing.get_args(tp)
+        return [_convert(v, et, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        ets = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(ets):
+            raise bad
+        return tuple(_convert(v, et, f"{path}[{i}]") for i, (v, et) in enumerate(zip(value, ets)))
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = typing.get_args(tp)
+        return {_convert(k, kt, f"{path}.<key>"): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _build(cls: Any, data: Dict[str, Any], path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{path}.{k}" if path else str(k)
+            raise ConfigError(f"{where}: unknown key (expected one of: {', '.join(sorted(names))})")
+    kw = {}
+    for k, v in data.items():
+        kw[k] = _convert(v, hints[k], f"{path}.{k}" if path else k)
+    return cls(**kw)
+
+
+def to_dict(obj: Any) -> Any:
+    """The plain (YAML-serialisable) form of a config tree."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _parse_override(item: str) -> Tuple[List[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.max_steps=100)")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {str(e).splitlines()[0]}") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """Apply ``a.b=value`` strings onto a plain dict (values typed by YAML scalar rules)."""
+    out = _deepcopy(data)
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def _read_yaml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: config file not found") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def from_dict(data: Dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a plain dict into a :class:`Config`; errors name ``source`` and the key path."""
+    try:
+        cfg = _build(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    _check(cfg, source)
+    return cfg
+
+
+def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
+    """Load a stage YAML, apply ``--set`` overrides and validate."""
+    data = apply_overrides(_read_yaml(path), overrides or [])
+    data = _expand(data)
+    return absolute_paths(from_dict(data, source=path))
+
+
+def _abs(url: Optional[str]) -> Optional[str]:
+    if not url or "://" in url or os.path.isabs(url):
+        return url
+    return os.path.abspath(url)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths (shards, storage, init weights) made absolute against the current directory: Ray
+    workers run elsewhere. ``s3://`` URLs are left alone."""
+    data = dataclasses.replace(
+        cfg.data, shards=_abs(cfg.data.shards),
+        unlabeled=[dataclasses.replace(u, shards=_abs(u.shards)) for u in cfg.data.unlabeled])
+    return dataclasses.replace(cfg, data=data, run=dataclasses.replace(cfg.run, storage=_abs(cfg.run.storage)),
+                               init=dataclasses.replace(cfg.init, weights=_abs(cfg.init.weights)))
+
+
+def _expand(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _expand(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_expand(v) for v in data]
+    if isinstance(data, str) and ("$" in data or data.startswith("~")):
+        return os.path.expanduser(os.path.expandvars(data))
+    return data
+
+
+def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineCfg:
+    """Load a pipeline YAML (three stage configs); relative stage paths are relative to the file."""
+    data = _expand(apply_overrides(_read_yaml(path), overrides or []))
+    try:
+        cfg = _build(PipelineCfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    stages = {}
+    for name in ("pretrain", "finetune", "semisup"):
+        st: PipelineStage = getattr(cfg, name)
+        if not st.config:
+            raise ConfigError(f"{path}: {name}.config: expected a stage YAML path")
+        p = st.config if os.path.isabs(st.config) else os.path.join(base, st.config)
+        stages[name] = dataclasses.replace(st, config=p)
+    return dataclasses.replace(cfg, **stages)
+
+
+def _check(cfg: Config, source: str) -> None:
+    """Cross-field checks (types are already right)."""
+    def err(key: str, msg: str) -> None:
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+    positive_int = [("scaling.num_workers", cfg.scaling.num_workers), ("data.batch_size_per_rank",
+                    cfg.data.batch_size_per_rank), ("train.grad_accum", cfg.train.grad_accum),
+                    ("data.mu", cfg.data.mu), ("model.img_size", cfg.model.img_size),
+                    ("model.patch_size", cfg.model.patch_size), ("train.log_every", cfg.train.log_every)]
+    for key, v in positive_int:
+        if v < 1:
+            err(key, f"expected an integer >= 1, got {v}")
+    if cfg.model.img_size % cfg.model.patch_size:
+        err("model.img_size", f"must be a multiple of model.patch_size ({cfg.model.patch_size}), "
+                              f"got {cfg.model.img_size}")
+    if not 0.0 < cfg.model.mask_ratio < 1.0:
+        err("model.mask_ratio", f"expected 0 < value < 1, got {cfg.model.mask_ratio}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        err("train.max_steps", f"expected >= 1, got {cfg.train.max_steps}")
+    if cfg.train.max_steps is None and cfg.train.epochs <= 0:
+        err("train.epochs", f"expected > 0, got {cfg.train.epochs}")
+    if cfg.data.steps_per_epoch is not None and cfg.data.steps_per_epoch < 1:
+        err("data.steps_per_epoch", f"expected >= 1, got {cfg.data.steps_per_epoch}")
+    if cfg.optim.base_lr <= 0:
+        err("optim.base_lr", f"expected > 0, got {cfg.optim.base_lr}")
+    if cfg.optim.lr is not None and cfg.optim.lr <= 0:
+        err("optim.lr", f"expected > 0, got {cfg.optim.lr}")
+    if cfg.optim.layer_decay is not None and not 0.0 < cfg.optim.layer_decay <= 1.0:
+        err("optim.layer_decay", f"expected 0 < value <= 1, got {cfg.optim.layer_decay}")
+    if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
+        err("train.grad_clip", f"expected > 0 or null, got {cfg.train.grad_clip}")
+    if cfg.checkpoint.every_steps < 0:
+        err("checkpoint.every_steps", f"expected >= 0, got {cfg.checkpoint.every_steps}")
+    if cfg.checkpoint.num_to_keep < 1:
+        err("checkpoint.num_to_keep", f"expected >= 1, got {cfg.checkpoint.num_to_keep}")
+    if cfg.failure.max_failures < -1:
+        err("failure.max_failures", f"expected >= -1 (-1: retry forever), got {cfg.failure.max_failures}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        err("run.name", f"expected a non-empty name without '/', got {cfg.run.name!r}")
+    if not cfg.data.shards:
+        err("data.shards", "expected a shard folder/URL holding manifest.parquet")
+    if cfg.train.stage == "semisup":
+        if not cfg.data.unlabeled:
+            err("data.unlabeled", "semisup needs at least one unlabeled source")
+        for i, u in enumerate(cfg.data.unlabeled):
+            if not u.shards:
+                err(f"data.unlabeled[{i}].shards", "expected a shard folder/URL")
+            if u.weight <= 0:
+                err(f"data.unlabeled[{i}].weight", f"expected > 0, got {u.weight}")
+    if cfg.train.stage != "mae" and cfg.init.weights is None:
+        pass  # fine-tuning from scratch is allowed (supervised baseline)
+
+
+# --------------------------------------------------------------------------------------------- derived
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Total optimizer steps of the run."""
+    if cfg.train.max_steps is not None:
+        return int(cfg.train.max_steps)
+    return max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+
+
+def derived(cfg: Config, num_samples: Optional[int] = None) -> Dict[str, Any]:
+    """Values computed from the config (never written back): batch arithmetic, lr, steps.
+
+    ``num_samples`` is the labeled (or MAE) manifest's sample count when known.
+    """
+    global_batch = cfg.data.batch_size_per_rank * cfg.scaling.num_workers * cfg.train.grad_accum
+    effective_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256.0
+    out: Dict[str, Any] = {
+        "num_ranks": cfg.scaling.num_workers,
+        "batch_size_per_rank": cfg.data.batch_size_per_rank,
+        "grad_accum": cfg.train.grad_accum,
+        "global_batch": global_batch,
+        "lr_rule": "optim.lr (absolute)" if cfg.optim.lr is not None else "base_lr * global_batch / 256",
+        "effective_lr": effective_lr,
+    }
+    if cfg.train.stage == "semisup":
+        out["unlabeled_batch_per_rank"] = cfg.data.batch_size_per_rank * cfg.data.mu
+        out["global_unlabeled_batch"] = out["unlabeled_batch_per_rank"] * cfg.scaling.num_workers * cfg.train.grad_accum
+    spe = cfg.data.steps_per_epoch
+    if spe is None and num_samples is not None:
+        spe = max(1, num_samples // global_batch)
+    if num_samples is not None:
+        out["num_samples"] = num_samples
+    if spe is not None:
+        out["steps_per_epoch"] = spe
+        steps = total_steps(cfg, spe)
+        out["total_steps"] = steps
+        warm = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(round(cfg.optim.warmup_epochs * spe))
+        out["warmup_steps"] = min(warm, steps)
+        out["images_seen"] = steps * global_batch
+    elif cfg.train.max_steps is not None:
+        out["total_steps"] = cfg.train.max_steps
+    return out

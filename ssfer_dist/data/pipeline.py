@@ -1,0 +1,310 @@
+"""WebDataset training pipelines: resampled shards → split by node and worker → shuffle → decode → aug → batch.
+
+Each rank reads its own stream; loader worker processes are *lanes*. Global micro-batch ``k`` of a
+rank is produced by lane ``k % num_lanes`` from a stream seeded by ``(seed, rank, lane, epoch)``
+with ``epoch = k // batches_per_epoch``, so
+
+- every rank takes exactly ``batches_per_epoch`` batches per epoch (derived from the manifest) and
+  none ever runs out first (resampled shards: the stream is infinite);
+- the batch sequence is a pure function of the position, so a resumed run restarts at micro-batch
+  ``k`` and sees the same batches the uninterrupted run would have seen (the skipped samples are
+  read from the tar but not decoded).
+
+Corrupt samples (bad JPEG, bad JSON, truncated tar) are skipped by a handler and counted; every batch
+carries its lane's running count in ``"__corrupt__"`` so the loop can report it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import random
+import zlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META
+from ssfer_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Source", "View", "StreamSpec", "ShardStream", "make_loader", "stream_seed", "split_urls",
+           "decode_image", "stage_views"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Shard URLs of one dataset and its mixing weight (unlabeled mixtures)."""
+
+    urls: Tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One augmented view of a sample: ``name`` in the batch, transform ``kind`` (H2's build_transform)."""
+
+    name: str
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """A batched stream: sources, views, batch size, labels wanted or not."""
+
+    sources: Tuple[Source, ...]
+    views: Tuple[View, ...]
+    batch_size: int
+    labeled: bool
+    prefix: str = ""                  # key prefix in the batch ("" labeled, "u_" unlabeled)
+
+
+def stage_views(stage: str, threshold_kind: str = "fixed") -> Tuple[Tuple[View, ...], Tuple[View, ...]]:
+    """(labeled views, unlabeled views) for a stage."""
+    if stage == "mae":
+        return (View("image", "mae"),), ()
+    if stage == "facemix":
+        return (View("image", "weak"),), ()
+    unl = [View("weak", "weak"), View("strong", "strong")]
+    if threshold_kind == "dtm":
+        unl.append(View("weak2", "weak"))
+    return (View("image", "weak"),), tuple(unl)
+
+
+def stream_seed(seed: int, rank: int, lane: int, epoch: int, tag: str = "") -> int:
+    """A stable 63-bit seed for one (rank, lane, epoch) stream."""
+    return zlib.crc32(f"{seed}/{rank}/{lane}/{epoch}/{tag}".encode()) * 2654435761 % (2 ** 63)
+
+
+def split_urls(urls: Sequence[str], rank: int, world_size: int, lane: int, num_lanes: int) -> List[str]:
+    """Split shards by node (rank) and then by worker (lane) when there are enough of them.
+
+    With fewer shards than ranks × lanes the split falls back to per-rank, then to all shards
+    (resampling with distinct seeds still gives each lane a different order).
+    """
+    urls = list(urls)
+    n = world_size * num_lanes
+    if len(urls) >= n:
+        return urls[rank * num_lanes + lane::n]
+    if len(urls) >= world_size:
+        return urls[rank::world_size]
+    return urls
+
+
+class _Counter:
+    """Exception handler that counts and continues (corrupt samples are not fatal)."""
+
+    MAX_IN_A_ROW = 10000
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.in_a_row = 0
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, (FileNotFoundError, PermissionError, UserError)):
+            raise exn            # a missing/unreadable shard is not a corrupt sample: fail loudly
+        self.count += 1
+        self.in_a_row += 1
+        if self.in_a_row > self.MAX_IN_A_ROW:
+            raise RuntimeError(f"{self.in_a_row} corrupt samples in a row, none decodable: {exn}")
+        if self.count <= 5:
+            log.warning("skipping corrupt sample: %s", str(exn).splitlines()[0] if str(exn) else type(exn).__name__)
+        return True
+
+
+def decode_image(data: bytes, draft_size: Optional[int] = None):
+    """JPEG bytes → (PIL RGB image, scale). With ``draft_size`` the JPEG decoder may downscale by 2/4/8
+    on the fly (PIL ``Image.draft``) while the result stays ≥ ``draft_size``; ``scale`` is the factor
+    applied to the stored image's pixel frame (1.0 without draft)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    w0 = img.size[0]
+    if draft_size:
+        img.draft("RGB", (draft_size, draft_size))
+    img = img.convert("RGB")
+    return img, img.size[0] / float(w0)
+
+
+def _resampled(urls: List[str], rng: random.Random) -> Iterator[Dict[str, str]]:
+    while True:
+        yield {"url": urls[rng.randrange(len(urls))]}
+
+
+def _mixed(iters: List[Iterator[Dict[str, Any]]], weights: List[float], rng: random.Random):
+    if len(iters) == 1:
+        yield from iters[0]
+        return
+    while True:
+        i = rng.choices(range(len(iters)), weights=weights)[0]
+        yield next(iters[i])
+
+
+def _skip(it: Iterator[Any], n: int) -> Iterator[Any]:
+    for _ in range(n):
+        next(it)
+    yield from it
+
+
+class ShardStream(IterableDataset):
+    """Batches for one rank, as a flat list of webdataset stages per (lane, epoch).
+
+    ``specs``: one StreamSpec (MAE / FaceMix) or two (semi-supervised: labeled + unlabeled, zipped
+    per batch). ``start_batch``: the rank's first micro-batch index (resume).
+    """
+
+    def __init__(self, specs: Sequence[StreamSpec], *, img_size: int, rank: int, world_size: int,
+                 batches_per_epoch: int, seed: int, shuffle_buffer: int = 1000, uint8: bool = True,
+                 draft: bool = False, start_batch: int = 0, num_lanes: int = 1,
+                 transform_factory: Optional[Callable[[str, int, bool], Callable]] = None) -> None:
+        super().__init__()
+        self.specs = tuple(specs)
+        self.img_size = img_size
+        self.rank = rank
+        self.world_size = world_size
+        self.batches_per_epoch = int(batches_per_epoch)
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.uint8 = uint8
+        self.draft = draft
+        self.start_batch = int(start_batch)
+        self.num_lanes = max(1, int(num_lanes))
+        self.transform_factory = transform_factory
+
+    # ------------------------------------------------------------------ per-sample work
+
+    def _transforms(self) -> Dict[str, Callable]:
+        factory = self.transform_factory
+        if factory is None:
+            from ssfer_dist.data.transforms import build_transform
+
+            factory = build_transform
+        kinds = {v.kind for s in self.specs for v in s.views}
+        return {k: factory(k, self.img_size, self.uint8) for k in kinds}
+
+    def _decode_fn(self, spec: StreamSpec, tfs: Dict[str, Callable], counter: "_Counter"):
+        draft = self.img_size if self.draft else None
+
+        def decode(sample: Dict[str, Any]) -> Dict[str, Any]:
+            img, scale = decode_image(sample[EXT_IMAGE], draft)
+            box = None
+            if EXT_META in sample:
+                box = np.asarray(json.loads(sample[EXT_META])["box"], dtype=np.float32) * scale
+            out: Dict[str, Any] = {}
+            for v in spec.views:
+                x, b = tfs[v.kind](img, box)
+                out[spec.prefix + v.name] = x
+                if v.name == "image":
+                    out["box"] = torch.as_tensor(np.asarray(b, dtype=np.float32))
+            if spec.labeled:
+                out["label"] = int(sample[EXT_CLASS].decode("ascii").strip())
+            elif spec.prefix:   # unlabeled stream: true label when the shard has one (pseudo-label accuracy)
+                cls = sample.get(EXT_CLASS)
+                out[spec.prefix + "label"] = int(cls.decode("ascii").strip()) if cls else -1
+            counter.ok()
+            return out
+
+        return decode
+
+    def _lane_stream(self, spec: StreamSpec, lane: int, epoch: int, skip: int, tfs, counter: _Counter):
+        rng = random.Random(stream_seed(self.seed, self.rank, lane, epoch, spec.prefix))
+        per_source = []
+        for si, src in enumerate(spec.sources):
+            urls = split_urls(src.urls, self.rank, self.world_size, lane, self.num_lanes)
+            srng = random.Random(rng.getrandbits(63) + si)
+            per_source.append(wds.DataPipeline(
+                lambda urls=urls, srng=srng: _resampled(urls, srng),   # resampled shards (this rank+lane's split)
+                wds.tarfile_to_samples(handler=counter),               # tar members → samples
+            ))
+        mixed = _mixed([iter(p) for p in per_source], [s.weight for s in spec.sources], rng)
+        pipe = wds.DataPipeline(
+            lambda: mixed,
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng),
+            lambda it: _skip(it, skip * spec.batch_size),             # resume: skip undecoded samples
+            wds.map(self._decode_fn(spec, tfs, counter), handler=counter),     # decode + the stage's transforms
+            lambda it: _batches(it, spec.batch_size),                  # batch per rank (no look-ahead)
+        )
+        return iter(pipe)
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.num_lanes:
+            raise RuntimeError(f"ShardStream built for {self.num_lanes} lanes but run with {num_workers} workers")
+        torch.set_num_threads(1)
+        tfs = self._transforms()
+        counter = _Counter()
+        bpe = self.batches_per_epoch
+        L = self.num_lanes
+        # The DataLoader takes batches round-robin from workers starting at worker 0, so worker w
+        # produces global batches start+w, start+w+L, ...; their lane is k % L.
+        k = self.start_batch + worker
+        lane = k % L
+        epoch = None
+        iters = None
+        while True:
+            e = k // bpe
+            if e != epoch:
+                epoch = e
+                first = e * bpe
+                # lane batches of this epoch before k (skipped without decoding)
+                done = len(range(first + ((lane - first) % L), k, L))
+                iters = [self._lane_stream(s, lane, e, done, tfs, counter) for s in self.specs]
+            # augmentation randomness is a function of the batch index too (same batches after a resume)
+            aug_seed = stream_seed(self.seed, self.rank, -1, k, "aug")
+            random.seed(aug_seed)
+            np.random.seed(aug_seed % (2 ** 32))
+            torch.manual_seed(aug_seed)
+            batch: Dict[str, Any] = {}
+            for it in iters:
+                batch.update(next(it))
+            batch["__corrupt__"] = torch.tensor([worker, counter.count], dtype=torch.long)
+            batch["__index__"] = torch.tensor(k, dtype=torch.long)
+            yield batch
+            k += L
+
+
+def _batches(it: Iterator[Dict[str, Any]], batch_size: int) -> Iterator[Dict[str, Any]]:
+    """Full batches only; yields as soon as a batch is full (wds.batched decodes one sample ahead, which
+    would tie a sample's augmentation to the previous batch's seed)."""
+    buf: List[Dict[str, Any]] = []
+    for sample in it:
+        buf.append(sample)
+        if len(buf) == batch_size:
+            yield _collate(buf)
+            buf = []
+
+
+def _collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        if isinstance(vals[0], torch.Tensor):
+            out[key] = torch.stack(vals)
+        elif isinstance(vals[0], np.ndarray):
+            out[key] = torch.from_numpy(np.stack(vals))
+        elif isinstance(vals[0], int):
+            out[key] = torch.tensor(vals, dtype=torch.long)
+        else:
+            out[key] = vals
+    return out
+
+
+def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    """A DataLoader over a ShardStream: ``num_workers`` processes (= the stream's lanes) or in-process (0)."""
+    if max(1, num_workers) != stream.num_lanes:
+        raise ValueError(f"num_workers={num_workers} but the stream has {stream.num_lanes} lanes")
+    if num_workers == 0:
+        return DataLoader(stream, batch_size=None, num_workers=0)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=2,
+                      multiprocessing_context="fork", persistent_workers=False)

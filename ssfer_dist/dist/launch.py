@@ -1,0 +1,303 @@
+"""``ssfer run`` / ``ssfer pipeline``: pre-flight checks, then a Ray Train TorchTrainer per stage.
+
+Pre-flight (before any worker starts): the config is valid, every shard manifest and shard URL is
+readable, ``init.weights`` exists, the storage is writable. Each failure is a one-line ``UserError``
+naming the key path or URL. Then a TorchTrainer runs :func:`ssfer_dist.train.loop.train_loop_per_worker`
+with ScalingConfig / RunConfig(storage_path, FailureConfig, CheckpointConfig) from the config.
+Connects to ``RAY_ADDRESS`` when set (``ray job submit -- ssfer run CONFIG``), else starts a small
+local Ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from ssfer_dist import storage
+from ssfer_dist.config import Config, derived, load_config, load_pipeline, to_dict, total_steps
+from ssfer_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunResult", "run_stage", "run_from_cli", "pipeline_from_cli", "preflight", "run_pipeline"]
+
+# Environment forwarded to the workers (they may run on other nodes or in a Ray started earlier).
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "DS_ACCELERATOR",
+               "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished stage left behind."""
+
+    run_url: str
+    export_path: str
+    metrics: Dict[str, Any]
+    checkpoint: Optional[str] = None
+
+
+def run_url(cfg: Config) -> str:
+    return storage.join(_abs_storage(cfg.run.storage), cfg.run.name)
+
+
+def _abs_storage(url: str) -> str:
+    return url if storage.is_s3(url) else os.path.abspath(url)
+
+
+def _read_manifest(url: str, key: str):
+    from sharding.manifest import read_manifest
+
+    try:
+        return read_manifest(url, with_index=False)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
+def _check_shards(manifest, key: str) -> List[str]:
+    urls = manifest.shard_urls()
+    if not urls:
+        raise UserError(f"{key}: {manifest.url}: the manifest lists no shards")
+    for u in urls:
+        if not storage.exists(u):
+            raise UserError(f"{key}: shard {u} listed in {manifest.url}/manifest.parquet is missing")
+    return urls
+
+
+def preflight(cfg: Config, check_storage: bool = True) -> Dict[str, Any]:
+    """Validate everything a run needs before a worker starts; returns the run plan (derived values)."""
+    labeled = _read_manifest(cfg.data.shards, "data.shards")
+    urls = _check_shards(labeled, "data.shards")
+    plan: Dict[str, Any] = {"shard_urls": urls, "num_samples": labeled.num_samples, "image_size": labeled.image_size}
+    if cfg.train.stage != "mae":
+        if labeled.num_classes == 0:
+            raise UserError(f"data.shards: {labeled.url} is unlabeled; stage {cfg.train.stage!r} needs labeled shards")
+        plan["num_classes"] = labeled.num_classes
+        plan["class_names"] = labeled.class_names
+    unl = []
+    for i, u in enumerate(cfg.data.unlabeled if cfg.train.stage == "semisup" else []):
+        key = f"data.unlabeled[{i}].shards"
+        m = _read_manifest(u.shards, key)
+        unl.append({"urls": _check_shards(m, key), "weight": u.weight, "num_samples": m.num_samples})
+    plan["unlabeled"] = unl
+    if cfg.init.weights:
+        w = cfg.init.weights
+        if os.path.isdir(w):
+            w = os.path.join(w, "model.safetensors")
+        if not storage.exists(w):
+            raise UserError(f"init.weights: {w}: weights file not found")
+        if storage.is_s3(w):
+            raise UserError(f"init.weights: {w}: s3:// weights are not supported yet; copy the file locally")
+    d = derived(cfg, labeled.num_samples)
+    plan.update(steps_per_epoch=d["steps_per_epoch"], total_steps=d["total_steps"], warmup_steps=d["warmup_steps"],
+                effective_lr=d["effective_lr"], global_batch=d["global_batch"])
+    plan["run_url"] = run_url(cfg)
+    plan["register_s3"] = any(storage.is_s3(x) for x in [cfg.data.shards] + [u.shards for u in cfg.data.unlabeled])
+    if check_storage:
+        try:
+            storage.check_writable(_abs_storage(cfg.run.storage))
+        except UserError as e:
+            raise UserError(f"run.storage: {e}") from None
+    return plan
+
+
+def dry_run_text(cfg: Config, source: str) -> str:
+    """The resolved config and the batch arithmetic (manifest sample count when readable)."""
+    num_samples = None
+    note = ""
+    try:
+        num_samples = _read_manifest(cfg.data.shards, "data.shards").num_samples
+    except UserError as e:
+        note = f"# manifest not readable ({e}); steps per epoch unknown\n"
+    d = derived(cfg, num_samples)
+    lines = [f"# resolved config: {source}", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "",
+             "# derived (computed, never written back)"]
+    lines += [f"{k}: {v}" for k, v in d.items()]
+    lines.append(f"# global_batch = batch_size_per_rank {cfg.data.batch_size_per_rank} x ranks "
+                 f"{cfg.scaling.num_workers} x grad_accum {cfg.train.grad_accum} = {d['global_batch']}")
+    if cfg.optim.lr is None:
+        lines.append(f"# effective_lr = base_lr {cfg.optim.base_lr:g} x {d['global_batch']} / 256 = {d['effective_lr']:g}")
+    return "\n".join(lines) + "\n" + note
+
+
+# ------------------------------------------------------------------------------------------------ ray
+
+
+def _worker_env() -> Dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ssfer-torch-extensions"))
+    return env
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, reuse an initialised Ray, else start a small local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": _worker_env()}
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    need = max(1, int(round(cfg.scaling.num_workers * max(cfg.scaling.cpus_per_worker, 1.0))))
+    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
+             object_store_memory=256 * 1024 * 1024, log_to_driver=True)
+
+
+def _storage_args(url: str) -> Dict[str, Any]:
+    """RunConfig storage arguments: a local folder, or a pyarrow S3 filesystem built from the AWS_* env."""
+    if not storage.is_s3(url):
+        return {"storage_path": os.path.abspath(url)}
+    import pyarrow.fs as pafs
+
+    bucket, prefix = storage.parse_s3(url)
+    storage.ensure_dir(url)
+    kw: Dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kw.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                  session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    kw["region"] = os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1"))
+    fs = pafs.S3FileSystem(**kw)
+    return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
+
+
+def run_stage(cfg: Config, plan: Optional[Dict[str, Any]] = None) -> RunResult:
+    """Run one stage to its final step on Ray (resuming from the run's latest checkpoint if any)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ssfer_dist.train.loop import train_loop_per_worker
+
+    if plan is None:
+        plan = preflight(cfg)
+    ensure_ray(cfg)
+    sc = cfg.scaling
+    res: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
+    if sc.use_gpu:
+        res["GPU"] = float(sc.gpus_per_worker or 1.0)
+    res.update(sc.resources_per_worker)
+    scaling = ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=res)
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        **_storage_args(_abs_storage(cfg.run.storage)),
+    )
+    payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env()}
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
+                           run_config=run_config,
+                           torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"))
+    log.info("[%s] run %s: %d workers, %d steps, global batch %d, lr %.3g → %s", cfg.train.stage, cfg.run.name,
+             sc.num_workers, plan["total_steps"], plan["global_batch"], plan["effective_lr"], plan["run_url"])
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise RuntimeError(f"run {cfg.run.name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if getattr(result, "error", None) is not None:
+        raise RuntimeError(f"run {cfg.run.name} failed: {result.error}")
+    export = storage.join(plan["run_url"], "export", "model.safetensors")
+    ck = result.checkpoint.path if result.checkpoint is not None else None
+    return RunResult(run_url=plan["run_url"], export_path=export, metrics=dict(result.metrics or {}), checkpoint=ck)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False) -> int:
+    """``ssfer run CONFIG [--set k=v ...] [--dry-run]`` → exit code."""
+    cfg = load_config(config_path, overrides)
+    if dry_run:
+        sys.stdout.write(dry_run_text(cfg, config_path))
+        return 0
+    plan = preflight(cfg)
+    result = run_stage(cfg, plan)
+    print(json.dumps({"run": result.run_url, "export": result.export_path,
+                      "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}},
+                     sort_keys=True))
+    return 0
+
+
+_PIPE_STAGES = ("pretrain", "finetune", "semisup")
+
+
+def _split_pipeline_overrides(overrides: List[str]):
+    """``pretrain.x.y=v`` → stage override (unless x is config/overrides); ``*.x.y=v`` → every stage."""
+    own, per_stage = [], {s: [] for s in _PIPE_STAGES}
+    for o in overrides or []:
+        head, _, rest = o.partition(".")
+        second = rest.split("=", 1)[0].split(".", 1)[0]
+        if head == "*" and rest:
+            for s in _PIPE_STAGES:
+                per_stage[s].append(rest)
+        elif head in _PIPE_STAGES and rest and second not in ("config", "overrides"):
+            per_stage[head].append(rest)
+        else:
+            own.append(o)
+    return own, per_stage
+
+
+def pipeline_configs(path: str, overrides: List[str]) -> List[Config]:
+    """The three stage configs of a pipeline, each stage's ``init.weights`` set to the previous export.
+    Later stages are validated against the previous stage's export path (not yet existing)."""
+    own, per_stage = _split_pipeline_overrides(overrides)
+    pcfg = load_pipeline(path, own)
+    cfgs: List[Config] = []
+    prev_export: Optional[str] = None
+    for name in _PIPE_STAGES:
+        st = getattr(pcfg, name)
+        ov = list(st.overrides)
+        if pcfg.storage:
+            ov.append(f"run.storage={pcfg.storage}")
+        ov += per_stage[name]
+        if prev_export is not None:
+            ov.append(f"init.weights={prev_export}")
+        cfg = load_config(st.config, ov)
+        expected = {"pretrain": "mae", "finetune": "facemix", "semisup": "semisup"}[name]
+        if cfg.train.stage != expected:
+            raise UserError(f"{path}: {name}.config: {st.config} has train.stage={cfg.train.stage!r}, "
+                            f"expected {expected!r}")
+        cfgs.append(cfg)
+        prev_export = storage.join(run_url(cfg), "export", "model.safetensors")
+    return cfgs
+
+
+def run_pipeline(path: str, overrides: List[str]) -> List[RunResult]:
+    """pretrain → FaceMix → semi-supervised, each from the previous export, on one Ray instance."""
+    cfgs = pipeline_configs(path, overrides)
+    preflight(cfgs[0])          # fail early for the first stage; later stages are checked before they start
+    results = []
+    for cfg in cfgs:
+        results.append(run_stage(cfg, preflight(cfg)))
+    return results
+
+
+def pipeline_from_cli(config_path: str, overrides: List[str], dry_run: bool = False) -> int:
+    """``ssfer pipeline CONFIG [--set ...] [--dry-run]`` → exit code."""
+    if dry_run:
+        for cfg in pipeline_configs(config_path, overrides):
+            sys.stdout.write(dry_run_text(cfg, f"{config_path} [{cfg.train.stage}]") + "\n")
+        return 0
+    results = run_pipeline(config_path, overrides)
+    print(json.dumps({"stages": [{"run": r.run_url, "export": r.export_path} for r in results]}, sort_keys=True))
+    return 0

@@ -1,0 +1,234 @@
+"""The one step loop for every stage, run by each Ray Train worker.
+
+Per optimizer step: lr from the schedule (a pure function of the step) → ``grad_accum`` micro-batches
+(task forward → ``engine.backward`` → ``engine.step``) → task hook (EMA teacher) → metrics → maybe a
+checkpoint. Every rank calls ``ray.train.report`` the same number of times (every ``log_every``
+steps, and with a checkpoint every ``checkpoint.every_steps`` and at the end). At the end the
+consolidated weights go to ``<storage>/<run>/export/model.safetensors``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+import zlib
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from ssfer_dist import storage
+from ssfer_dist.config import Config, from_dict
+from ssfer_dist.dist import checkpoint as ckpt_mod
+from ssfer_dist.dist.engine import (build_engine, build_optimizer, consolidated_state_dict, ds_config,
+                                    gather_ctx, set_lr)
+from ssfer_dist.train.schedule import lr_at
+from ssfer_dist.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train_loop_per_worker", "InjectedFault"]
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault-injection hook (``debug.fail_at_step``)."""
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _maybe_fail(cfg: Config, step: int, rank: int) -> None:
+    d = cfg.debug
+    if d.fail_at_step is None or step != d.fail_at_step or rank != d.fail_rank:
+        return
+    if d.fail_marker:
+        if os.path.exists(d.fail_marker):
+            return
+        with open(d.fail_marker, "w") as f:
+            f.write(f"failed at step {step} on rank {rank}\n")
+    raise InjectedFault(f"injected fault at step {step} on rank {rank}")
+
+
+def _prepare(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """Drop loader bookkeeping, move tensors to the device. Images stay as shipped (uint8 or float):
+    the tasks normalise on device and cast to the engine dtype themselves."""
+    out = {}
+    for k, v in batch.items():
+        if k.startswith("__"):
+            continue
+        out[k] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def _scalar(v: Any) -> Optional[float]:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().mean().item()) if v.numel() else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def _reduce_mean(values: Dict[str, float]) -> Dict[str, float]:
+    """Average metrics over ranks (gloo all-reduce)."""
+    if not torch.distributed.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return {k: float(x) for k, x in zip(keys, t.tolist())}
+
+
+def _sum_int(v: int) -> int:
+    if not torch.distributed.is_initialized():
+        return v
+    t = torch.tensor([v], dtype=torch.long)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def train_loop_per_worker(payload: Dict[str, Any]) -> None:
+    """Ray Train worker entry point. ``payload``: ``config`` (plain dict) and ``plan`` (derived
+    values computed once by the launcher: steps, lr, shard URLs, class names, run URL)."""
+    import ray.train
+
+    from ssfer_dist.data.pipeline import ShardStream, make_loader
+    from ssfer_dist.train import stages
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = from_dict(payload["config"])
+    plan = payload["plan"]
+    for k, v in payload.get("env", {}).items():
+        os.environ.setdefault(k, v)
+    if plan.get("register_s3"):
+        storage.register_webdataset_s3()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu and torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+
+    total = int(plan["total_steps"])
+    ga = cfg.train.grad_accum
+    seeds = {"base": cfg.run.seed, "model": cfg.run.seed, "rank": cfg.run.seed * 1000 + rank}
+    _seed_all(seeds["model"])                    # identical initial weights on every rank
+    task, trainable = stages.build_task(cfg, plan, device)
+    groups = stages.param_groups_for(cfg, trainable)
+    optimizer = build_optimizer(groups, cfg.optim, plan["effective_lr"])
+    engine = build_engine(trainable, optimizer, ds_config(cfg.train, cfg.data.batch_size_per_rank, world))
+    stages.bind_engine(task, engine)
+    gather = gather_ctx(cfg.train.zero_stage)
+
+    state = TrainState(stage=cfg.train.stage, seeds=seeds)
+    resumed = ckpt_mod.restore(ray.train.get_checkpoint(), engine, task)
+    if resumed is not None:
+        state = resumed
+        log.info("rank %d resumed at step %d (micro-batch %d, data epoch %d)", rank, state.step,
+                 state.micro_batch, state.data_epoch)
+    _seed_all(seeds["rank"] + 7919 * state.step)
+
+    metrics_log = None
+    if rank == 0:
+        from ssfer_dist.train.metrics import MetricsLog
+
+        metrics_log = MetricsLog(plan["run_url"], tensorboard=cfg.train.tensorboard)
+        metrics_log.truncate_after(state.step)
+
+    bpe = int(plan["steps_per_epoch"]) * ga     # micro-batches per epoch per rank
+    stream = ShardStream(stages.stream_specs(cfg, plan), img_size=cfg.model.img_size, rank=rank,
+                         world_size=world, batches_per_epoch=bpe, seed=cfg.run.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, uint8=cfg.data.uint8,
+                         draft=cfg.data.draft_decode, start_batch=state.micro_batch,
+                         num_lanes=max(1, cfg.data.num_loader_workers))
+    batches = iter(make_loader(stream, cfg.data.num_loader_workers))
+
+    global_batch = cfg.data.batch_size_per_rank * world * ga
+    corrupt_by_lane: Dict[int, int] = {}
+    corrupt_base = state.corrupt_samples
+    t_last, step_last = time.time(), state.step
+    window: Dict[str, float] = {}
+    n_window = 0
+    engine.train()
+    while state.step < total:
+        lr = lr_at(state.step, total, plan["effective_lr"], plan["warmup_steps"], cfg.optim.min_lr)
+        set_lr(optimizer, lr)
+        step_metrics: Dict[str, float] = {}
+        keys_digest = 0
+        for _ in range(ga):
+            raw = next(batches)
+            lane, count = (int(x) for x in raw["__corrupt__"].tolist())
+            corrupt_by_lane[lane] = count
+            keys_digest = zlib.crc32("|".join(raw.get("__key__", [])).encode(), keys_digest)
+            batch = _prepare(raw, device)
+            out = task(batch, state.step)
+            loss = out["loss"]
+            engine.backward(loss)
+            engine.step()
+            for k, v in out.items():
+                s = _scalar(v)
+                if s is not None:
+                    step_metrics[k] = step_metrics.get(k, 0.0) + s / ga
+        stages.after_step(task, state.step, gather)
+        _maybe_fail(cfg, state.step, rank)
+        state.step += 1
+        state.micro_batch += ga
+        state.data_epoch = state.micro_batch // bpe
+        state.samples_seen += global_batch
+        for k, v in step_metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        n_window += 1
+
+        is_last = state.step >= total
+        do_ckpt = is_last or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0)
+        do_log = do_ckpt or state.step % cfg.train.log_every == 0
+        if cfg.train.stage == "mae" and cfg.train.preview_every and state.step % cfg.train.preview_every == 0:
+            stages.mae_preview(task, batch, state.step, plan["run_url"], metrics_log, rank)
+        if not do_log:
+            continue
+        # ---- metrics (all ranks take part in the reductions and in ray.train.report)
+        avg = _reduce_mean({k: v / n_window for k, v in window.items()})
+        window, n_window = {}, 0
+        state.corrupt_samples = corrupt_base + _sum_int(sum(corrupt_by_lane.values()))
+        now = time.time()
+        sps = (state.step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, state.step
+        record = {"step": state.step, "lr": lr, "epoch": state.micro_batch / bpe, "samples_seen": state.samples_seen,
+                  "steps_per_s": sps, "images_per_s": sps * global_batch, "corrupt_samples": state.corrupt_samples,
+                  "data_position": state.micro_batch, "batch_digest": keys_digest, "time": now}
+        record.update(avg)
+        if metrics_log is not None:
+            from ssfer_dist.train.metrics import format_progress
+
+            metrics_log.write(record)
+            log.info(format_progress(cfg.train.stage, state.step, total, sps, sps * global_batch,
+                                     record.get("loss", float("nan")), lr))
+        if do_ckpt:
+            if metrics_log is not None:
+                metrics_log.sync()
+            ckpt_mod.save_and_report(engine, task, state, record, rank)
+        else:
+            ray.train.report(record)
+
+    # ---- export consolidated weights (every rank takes part in the ZeRO-3 gather)
+    sd = consolidated_state_dict(engine, cfg.train.zero_stage)
+    export_url = storage.join(plan["run_url"], "export", "model.safetensors")
+    if rank == 0:
+        from ssfer_dist.models.io import save_weights
+
+        state_dict, meta = stages.export_weights(cfg, plan, task, sd)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "model.safetensors")
+            save_weights(local, state_dict, meta)
+            storage.put_file(local, export_url)
+        log.info("exported %s", export_url)
+        if metrics_log is not None:
+            metrics_log.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
