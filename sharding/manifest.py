@@ -20,6 +20,9 @@ Dataset-level facts live in the parquet schema metadata (``ssfer.*`` keys): data
 number of classes, class names, role (``all`` | ``labeled`` | ``unlabeled``) and the build parameters.
 Nothing time- or machine-dependent is stored, so two builds with the same inputs and seed give
 byte-identical manifests.
+
+pyarrow is imported inside the functions that need it, so shard-building worker processes (which
+only use ``ShardInfo``) start fast.
 """
 from __future__ import annotations
 
@@ -28,9 +31,6 @@ import io
 import json
 import logging
 from typing import Any, Dict, List, Optional, Sequence
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ssfer_dist import storage
 from ssfer_dist.data.schema import CLASS_NAMES, MANIFEST_NAME, UNLABELED
@@ -43,16 +43,23 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = "1"
 
-_SCHEMA = pa.schema([
-    ("name", pa.string()),
-    ("url", pa.string()),
-    ("num_samples", pa.int64()),
-    ("num_bytes", pa.int64()),
-    ("sha256", pa.string()),
-    ("class_hist", pa.list_(pa.int64())),
-    ("keys", pa.list_(pa.string())),
-    ("classes", pa.list_(pa.int16())),
-])
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("name", pa.string()),
+        ("url", pa.string()),
+        ("num_samples", pa.int64()),
+        ("num_bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("class_hist", pa.list_(pa.int64())),
+        ("keys", pa.list_(pa.string())),
+        ("classes", pa.list_(pa.int16())),
+    ])
+
+
 _SHARD_COLUMNS = ["name", "url", "num_samples", "num_bytes", "sha256", "class_hist"]
 
 
@@ -88,11 +95,10 @@ class Manifest:
     """A read manifest: ``.url`` (folder), ``.shards``, ``.num_samples``, ``.num_classes`` (0 when
     unlabeled), ``.class_names``, ``.image_size``, ``.dataset``, ``.meta`` (all ``ssfer.*`` metadata)."""
 
-    def __init__(self, url: str, shards: List[ShardInfo], meta: Dict[str, Any], table: Optional[pa.Table] = None):
+    def __init__(self, url: str, shards: List[ShardInfo], meta: Dict[str, Any]):
         self.url = folder_of(url)
         self.shards = shards
         self.meta = meta
-        self._table = table
 
     @property
     def num_samples(self) -> int:
@@ -135,9 +141,11 @@ class Manifest:
         """Full URLs/paths of every shard, in manifest order."""
         return [s.url for s in self.shards]
 
-    def index(self) -> pa.Table:
+    def index(self) -> "pa.Table":  # noqa: F821
         """The per-sample index: a table with columns ``key`` (string), ``shard`` (shard name), ``cls``
         (int16, -1 when unlabeled), in shard order then tar order."""
+        import pyarrow as pa
+
         keys: List[str] = []
         shard: List[str] = []
         cls: List[int] = []
@@ -162,6 +170,9 @@ def _meta_to_schema(meta: Dict[str, Any]) -> Dict[bytes, bytes]:
 
 def manifest_bytes(shards: Sequence[ShardInfo], meta: Dict[str, Any]) -> bytes:
     """Serialise a manifest to parquet bytes (deterministic for equal inputs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     shards = sorted(shards, key=lambda s: s.name)
     cols = {
         "name": [s.name for s in shards],
@@ -173,7 +184,7 @@ def manifest_bytes(shards: Sequence[ShardInfo], meta: Dict[str, Any]) -> bytes:
         "keys": [list(s.keys) for s in shards],
         "classes": [[int(c) for c in s.classes] for s in shards],
     }
-    table = pa.table(cols, schema=_SCHEMA).replace_schema_metadata(_meta_to_schema(meta))
+    table = pa.table(cols, schema=_schema()).replace_schema_metadata(_meta_to_schema(meta))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
@@ -203,6 +214,8 @@ def read_manifest(url: str, with_index: bool = True) -> Manifest:
     ``with_index=False`` skips the per-sample key/class columns (fast for very large sets;
     ``Manifest.index()`` is then empty).
     """
+    import pyarrow.parquet as pq
+
     folder = folder_of(url)
     murl = manifest_url(folder)
     try:

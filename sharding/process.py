@@ -13,8 +13,9 @@ Crop policy (documented, used by every source):
   shorter side) with ``box_source="fallback"`` and the same square-crop rule.
 
 Images that already are a JPEG in RGB at ``image_size``x``image_size`` whose crop would be the whole
-frame are passed through byte-for-byte: only the header is read (no decode), plus a check that the
-data ends with the JPEG end-of-image marker (anything else is decoded fully, so truncation is caught).
+frame are passed through byte-for-byte: only the JPEG header is parsed (``jpeg_header``: no PIL, no
+decode), plus a check that the data ends with the JPEG end-of-image marker (anything else is decoded
+fully, so truncation is caught).
 
 Modes: CMYK/YCbCr/LAB/HSV -> RGB; L/1 -> RGB; I;16 (16-bit) -> scaled by 1/257; I/F -> clipped to
 0..255; RGBA/LA/P with transparency -> composited over white. EXIF orientation is not applied (boxes
@@ -130,6 +131,40 @@ def pixels_to_image(pixels: str, width: int, height: int) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8).reshape(height, width), "L")
 
 
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_header(data: bytes) -> Optional[Tuple[int, int, int, int]]:
+    """``(width, height, components, precision)`` from a JPEG's SOF marker without decoding, or
+    ``None`` when ``data`` is not a JPEG whose header parses (the caller then decodes with PIL)."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg = (data[i + 2] << 8) | data[i + 3]
+        if marker in _SOF:
+            if i + 10 > n:
+                return None
+            prec = data[i + 4]
+            h = (data[i + 5] << 8) | data[i + 6]
+            w = (data[i + 7] << 8) | data[i + 8]
+            return (w, h, data[i + 9], prec)
+        if marker in (0xDA, 0xD9) or seg < 2:
+            return None
+        i += 2 + seg
+    return None
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise SkipSample("empty_file", "zero bytes")
@@ -157,6 +192,23 @@ def _can_pass_through(img: Image.Image, data: bytes, opts: ProcessOptions, crop)
             and crop == (0.0, 0.0, float(s)) and data.rstrip(b"\x00")[-2:] == _EOI)
 
 
+def _pass_through_fast(raw: bytes, box: Optional[Box4], box_source: str, opts: ProcessOptions) -> Optional[Processed]:
+    """Pass-through decided from the JPEG header alone (8-bit, 3 components = RGB as PIL reads it,
+    ``image_size`` square, crop = whole frame, ends with EOI); ``None`` -> take the general path."""
+    s = opts.image_size
+    hdr = jpeg_header(raw)
+    if hdr is None or hdr != (s, s, 3, 8) or raw.rstrip(b"\x00")[-2:] != _EOI:
+        return None
+    if box is not None:
+        x1, y1, x2, y2 = box
+        if not (x2 > x1 and y2 > y1) or x2 <= 0 or y2 <= 0 or x1 >= s or y1 >= s:
+            return None  # the general path reports the bad box
+    crop = crop_square(s, s, box, opts.box_scale)
+    if crop != (0.0, 0.0, float(s)):
+        return None
+    return Processed(raw, map_box(box, crop, s), (s, s), box_source, True)
+
+
 def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_source: str, opts: ProcessOptions,
                   detector=None) -> Processed:
     """Turn one source image into the stored JPEG + box (policy in the module doc).
@@ -175,6 +227,10 @@ def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_sour
         img, raw = data, None
     else:
         raw = bytes(data)
+        if box_source != "detect":
+            fast = _pass_through_fast(raw, box, box_source, opts)
+            if fast is not None:
+                return fast
         img = _open(raw, opts.max_pixels)
     w, h = img.size
     if box is not None:

@@ -39,3 +39,30 @@ def test_missing_and_invalid(tmp_path):
     (tmp_path / "manifest.parquet").write_bytes(b"not parquet")
     with pytest.raises(UserError, match="not a valid shard manifest"):
         read_manifest(str(tmp_path))
+
+
+def test_tar_writer_matches_tarfile_and_meta_json_matches_schema():
+    import io
+    import tarfile
+
+    from sharding.writer import SampleTarWriter, TAR_USER, meta_json
+    from ssfer_dist.data.schema import SampleMeta
+
+    samples = [{"__key__": "ds/a/b", "jpg": b"x" * 1000, "json": b"{}", "cls": b"3"},
+               {"__key__": "d/" + "y" * 120 + "/z", "jpg": b"q" * 512}]
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+        for s in samples:
+            for ext in sorted(k for k in s if k != "__key__"):
+                ti = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(s[ext]), 0, 0o444, TAR_USER, TAR_USER
+                tf.addfile(ti, io.BytesIO(s[ext]))
+    ours = io.BytesIO()
+    w = SampleTarWriter(ours)
+    for s in samples:
+        w.write(s)
+    w.close()
+    assert ours.getvalue() == ref.getvalue()
+    kw = dict(source="ferplus", source_id="fer0000001", box=(0.1234567, 0, 48, 48.0), orig_size=(48, 48),
+              box_source="frame", identity=None, label_orig=[0, 9, 1], cls=1)
+    assert meta_json(**kw) == SampleMeta(**kw).to_json()

@@ -72,13 +72,14 @@ def list_image_folder(root: str, *, name: Optional[str] = None, boxes: Optional[
     box_map = read_loose_bb(box_file) if box_file else {}
     records: List[FaceRecord] = []
     skipped: List[Skipped] = []
+    root_prefix = os.path.join(root, "")
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "bb_landmark")
         for fn in sorted(filenames):
             if fn.startswith("."):
                 continue
             path = os.path.join(dirpath, fn)
-            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            rel = path[len(root_prefix):].replace(os.sep, "/")
             stem, ext = os.path.splitext(rel)
             if ext.lower() not in IMAGE_EXTS:
                 skipped.append(Skipped("not_an_image_file", path, f"extension {ext or '(none)'!r}"))
