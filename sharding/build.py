@@ -22,11 +22,13 @@ import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
+
 from sharding import manifest as mf
 from sharding.process import ProcessOptions
 from sharding.sources import list_source
-from sharding.sources.base import FaceRecord, Skipped
-from sharding.writer import ShardPlan, WriterConfig, build_shard, check_done, info_from_dict
+from sharding.sources.base import FaceRecord, RecordSlice, Skipped
+from sharding.writer import STATE_DIR, ShardPlan, WriterConfig, build_shard, check_done, info_from_dict
 from ssfer_dist import storage
 from ssfer_dist.data.schema import REPORT_NAME
 from ssfer_dist.errors import UserError
@@ -75,9 +77,37 @@ def _dedupe(records: List[FaceRecord], skipped: List[Skipped]) -> List[FaceRecor
     return out
 
 
-def plan_shards(records: List[FaceRecord], name: str, samples_per_shard: int, max_shard_bytes: int, seed: int,
+def _plan_slice(records: RecordSlice, name: str, samples_per_shard: int, max_shard_bytes: int, seed: int,
+                options_fp: str) -> List[ShardPlan]:
+    """``plan_shards`` for a compact :class:`RecordSlice` (numpy permutation, no per-record objects)."""
+    perm = np.random.RandomState(seed).permutation(len(records))
+    est = records.sizes[perm] + TAR_OVERHEAD
+    bounds = [0]
+    if int(est.max(initial=0)) * samples_per_shard <= max_shard_bytes:
+        bounds = list(range(0, len(perm), samples_per_shard))
+    else:
+        cur, count = 0, 0
+        for i, e in enumerate(est.tolist()):
+            if count and (count >= samples_per_shard or cur + e > max_shard_bytes):
+                bounds.append(i)
+                cur, count = 0, 0
+            cur += e
+            count += 1
+    bounds.append(len(perm))
+    plans = []
+    for j in range(len(bounds) - 1):
+        part = records.take(perm[bounds[j]:bounds[j + 1]])
+        h = hashlib.sha256(options_fp.encode())
+        h.update(part.fingerprint_bytes())
+        plans.append(ShardPlan(j, f"{name}-{j:06d}.tar", part, h.hexdigest()))
+    return plans
+
+
+def plan_shards(records, name: str, samples_per_shard: int, max_shard_bytes: int, seed: int,
                 options_fp: str) -> List[ShardPlan]:
     """Shuffle (seeded) and cut ``records`` (already sorted and unique by key) into shard plans."""
+    if isinstance(records, RecordSlice):
+        return _plan_slice(records, name, samples_per_shard, max_shard_bytes, seed, options_fp)
     order = list(records)
     random.Random(seed).shuffle(order)
     plans: List[ShardPlan] = []
@@ -164,8 +194,14 @@ def _run_ray(plans, wcfg, bar, on_result):
         opts["runtime_env"] = {"env_vars": env}
     remote = ray.remote(_ray_task).options(**opts)
     cfg_ref = ray.put(wcfg)
-    refs = {remote.remote(p, cfg_ref): p for p in plans}
-    while refs:
+    # bounded number of tasks in flight: the driver never holds 42k refs / plans' records at once
+    max_in_flight = max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    queue = list(reversed(plans))
+    refs: Dict[Any, ShardPlan] = {}
+    while refs or queue:
+        while queue and len(refs) < max_in_flight:
+            p = queue.pop()
+            refs[remote.remote(p, cfg_ref)] = p
         done, _ = ray.wait(list(refs), num_returns=1)
         for r in done:
             p = refs.pop(r)
@@ -180,6 +216,19 @@ def _ray_task(plan: ShardPlan, cfg: WriterConfig) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ the build
+def _clean_stale_temps(output: str) -> None:
+    """Remove ``.tmp-*.part`` files a killed local build left in ``output`` (never final names)."""
+    if storage.is_s3(output) or not os.path.isdir(output):
+        return
+    for n in os.listdir(output):
+        if n.startswith(".tmp-") and n.endswith(".part"):
+            try:
+                os.unlink(os.path.join(output, n))
+                log.info("removed stale temporary file %s", n)
+            except OSError:
+                pass
+
+
 def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dict[str, Any]:
     """Build verified shards for ``cfg``; returns the report dict (also written to ``report.json``).
 
@@ -197,8 +246,8 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
                           boxes=cfg.boxes)
     name = cfg.name or listing.dataset
     skipped_listing = list(listing.skipped)
-    records = _dedupe(listing.records, skipped_listing)
-    if not records:
+    records = listing.records if isinstance(listing.records, RecordSlice) else _dedupe(listing.records, skipped_listing)
+    if not len(records):
         raise UserError(f"{cfg.input}: no usable samples for --split {cfg.split} "
                         f"({len(skipped_listing)} skipped while listing)")
     if cfg.detector != "none":
@@ -215,8 +264,11 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
 
     results: Dict[str, Dict[str, Any]] = {}
     todo: List[ShardPlan] = []
+    _clean_stale_temps(cfg.output)
+    have_sidecar = {n[: -len(".json")] for n in storage.list_files(storage.join(cfg.output, STATE_DIR))
+                    if n.endswith(".json")}
     for p in plans:
-        done = check_done(p, wcfg)
+        done = check_done(p, wcfg) if p.name in have_sidecar else None
         if done is not None:
             results[p.name] = done
         else:

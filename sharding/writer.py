@@ -57,7 +57,7 @@ class ShardPlan:
 
     index: int
     name: str
-    records: List[FaceRecord]
+    records: Any  # List[FaceRecord] or a compact sources.base.RecordSlice
     fingerprint: str = ""
 
 

@@ -183,3 +183,55 @@ def test_ray_build_matches_local(tmp_path, ray_local):
                                            for m in tarfile.open(mr.shard_urls()[0]).getmembers()
                                            if m.name.endswith(".json"))))
     assert meta.box_source == "frame"
+
+
+def test_real_sigkill_then_resume(tmp_path):
+    """SIGKILL the CLI (and its worker processes) mid-build, rerun, compare with an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = make_image_folder(tmp_path / "ids", n_ids=4, per_id=15)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sharding", "build", "--format", "image-folder", "--input", root, "--output",
+           str(out), "--samples-per-shard", "2", "--image-size", "64", "--workers", "2", "--seed", "9",
+           "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    reference = (out / "manifest.parquet").read_bytes()
+    storage.delete(str(out))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "_build").is_dir() and len(os.listdir(out / "_build")) >= 2:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(_shard_files(out))
+    for n in _shard_files(out):  # whatever is visible under a final name is complete
+        with tarfile.open(out / n) as tf:
+            assert len(tf.getmembers()) == 4
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (out / "manifest.parquet").read_bytes() == reference
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_shards"] >= min(done_before, 1)
+    assert [p for p in os.listdir(out) if p.startswith(".tmp")] == []  # stale temp files cleaned
+
+
+def test_max_shard_bytes_and_rec_plans(tmp_path):
+    from test_shard_formats import make_rec, rec_payload, img_bytes
+
+    recs = [(k, rec_payload(k % 3, img_bytes(seed=k))) for k in range(12)]
+    rec = make_rec(tmp_path / "r", recs, 3)
+    one = len(img_bytes(seed=0))
+    rep = build("insightface-rec", rec, tmp_path / "a", samples_per_shard=100, max_shard_bytes=3 * (one + 3 * 1024))
+    assert rep["num_shards"] >= 4 and rep["num_samples"] == 12
+    rep2 = build("insightface-rec", rec, tmp_path / "b", samples_per_shard=100, max_shard_bytes=3 * (one + 3 * 1024),
+                 workers=2)
+    ma, mb = read_manifest(str(tmp_path / "a")), read_manifest(str(tmp_path / "b"))
+    assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards] and rep2["num_shards"] == rep["num_shards"]
+    assert max(s.num_samples for s in ma.shards) <= 3

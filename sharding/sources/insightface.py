@@ -20,7 +20,7 @@ from typing import BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from sharding.sources.base import FaceRecord, Listing
+from sharding.sources.base import Listing, RecordSlice
 from ssfer_dist.data.schema import make_key
 from ssfer_dist.errors import UserError
 
@@ -174,8 +174,14 @@ def list_rec(path: str, *, name: Optional[str] = None) -> Listing:
                     keep.append(k)
                 keys = keep
     info["style"] = style
-    order = sorted(offsets.values()) + [size]
-    nxt = {o: order[i + 1] for i, o in enumerate(order[:-1])}
-    records = [FaceRecord(key=make_key(dataset, str(k)), source=dataset, source_id=str(k), load=("rec", rec, offsets[k]),
-                          box_source="frame", size_hint=max(0, nxt[offsets[k]] - offsets[k] - 32)) for k in keys]
+    dataset = make_key(dataset, "x").rsplit("/", 1)[0]
+    key_arr = np.asarray(keys, dtype=np.int64)
+    if len(np.unique(key_arr)) != len(key_arr):
+        raise UserError(f"{idx_path}: the same key appears on more than one line")
+    off_arr = np.asarray([offsets[k] for k in keys], dtype=np.int64)
+    ordered = np.sort(np.fromiter(offsets.values(), dtype=np.int64, count=len(offsets)))
+    nxt = np.append(ordered[1:], size)
+    sizes = np.maximum(0, nxt[np.searchsorted(ordered, off_arr)] - off_arr - 32)
+    order = np.argsort(key_arr, kind="stable")
+    records = RecordSlice(dataset, rec, key_arr[order], off_arr[order], sizes[order])
     return Listing(records, [], 0, dataset, info)
