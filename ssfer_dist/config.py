@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple
@@ -193,6 +194,24 @@ class PipelineCfg:
 # --------------------------------------------------------------------------------------------- parsing
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``3E+4`` as floats (YAML 1.1 needs a dot: ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml_load(text_or_stream):
+    return yaml.load(text_or_stream, Loader=_Loader)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -303,7 +322,7 @@ def _parse_override(item: str) -> Tuple[List[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set {item!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = _yaml_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {str(e).splitlines()[0]}") from e
     return key.split("."), value
@@ -337,7 +356,7 @@ def _deepcopy(d: Any) -> Any:
 def _read_yaml(path: str) -> Dict[str, Any]:
     try:
         with open(path, "r", encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = _yaml_load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: config file not found") from e
     except yaml.YAMLError as e:

@@ -43,6 +43,9 @@ class MetricsLog:
             remote = storage.join(run_url, "metrics.jsonl")
             if storage.exists(remote):
                 storage.get_file(remote, self.jsonl_path)
+            if storage.exists(remote.replace("metrics.jsonl", "metrics_redone.jsonl")):
+                storage.get_file(remote.replace("metrics.jsonl", "metrics_redone.jsonl"),
+                                 os.path.join(self.local_dir, "metrics_redone.jsonl"))
         self._fh = open(self.jsonl_path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -54,18 +57,22 @@ class MetricsLog:
                 log.warning("tensorboard disabled: %s", e)
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines with ``step > step`` (steps redone after a resume appear once, from the resumed run)."""
+        """Move lines with ``step > step`` to ``metrics_redone.jsonl``: steps redone after a resume then
+        appear once in ``metrics.jsonl`` (from the resumed run); the replaced lines stay auditable."""
         self._fh.close()
-        lines = []
+        keep, redone = [], []
         with open(self.jsonl_path, "r", encoding="utf-8") as f:
             for line in f:
                 try:
-                    if json.loads(line).get("step", 0) <= step:
-                        lines.append(line)
+                    (keep if json.loads(line).get("step", 0) <= step else redone).append(line)
                 except json.JSONDecodeError:
                     continue
-        with open(self.jsonl_path, "w", encoding="utf-8") as f:
-            f.writelines(lines)
+        if redone:
+            with open(os.path.join(self.local_dir, "metrics_redone.jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(redone)
+            with open(self.jsonl_path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            self._redone = True
         self._fh = open(self.jsonl_path, "a", encoding="utf-8")
 
     def write(self, record: Dict[str, Any]) -> None:
@@ -89,6 +96,9 @@ class MetricsLog:
         if not self.remote:
             return
         storage.put_file(self.jsonl_path, storage.join(self.run_url, "metrics.jsonl"))
+        redone = os.path.join(self.local_dir, "metrics_redone.jsonl")
+        if os.path.exists(redone):
+            storage.put_file(redone, storage.join(self.run_url, "metrics_redone.jsonl"))
         tb_dir = os.path.join(self.local_dir, "tb")
         if os.path.isdir(tb_dir):
             for name in os.listdir(tb_dir):
