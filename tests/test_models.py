@@ -258,3 +258,22 @@ def test_param_groups_layer_decay_and_no_decay():
     ids = {id(p) for g in mg for p in g["params"]}
     assert id(mae.pos_embed) not in ids and id(mae.decoder_pos_embed) not in ids
     assert {id(mae.mask_token)} <= {id(p) for g in mg if g["weight_decay"] == 0 for p in g["params"]}
+
+
+@pytest.mark.parametrize("size,millions", [("tiny", 5.52), ("small", 21.67), ("base", 85.80), ("large", 303.30)])
+def test_vit_sizes_match_timm_reference_counts(size, millions):
+    with torch.device("meta"):  # no memory, no init cost
+        v = build_vit(size, 224, 16)
+    assert sum(p.numel() for p in v.parameters()) / 1e6 == pytest.approx(millions, abs=0.01)
+
+
+def test_mae_base_matches_official_parameter_count():
+    with torch.device("meta"):
+        m = build_mae("base", 224, 16)
+    # facebookresearch/mae mae_vit_base_patch16_dec512d8b: 111.91 M parameters (incl. fixed pos-embeds)
+    assert sum(p.numel() for p in m.parameters()) / 1e6 == pytest.approx(111.91, abs=0.01)
+    with torch.device("meta"):
+        m112 = build_mae("base", 112, 16)
+    assert m112.pos_embed.shape == (1, 50, 768)
+    with pytest.raises(UserError):
+        build_vit("gigantic")
