@@ -94,15 +94,18 @@ class DTMThreshold(ThresholdPolicy):
         self.tau = torch.full((num_classes,), self.tau0, dtype=torch.float64)
         self._sum = torch.zeros(num_classes, dtype=torch.float64)   # sum of max prob, correct samples, per class
         self._count = torch.zeros(num_classes, dtype=torch.float64)
+        self._device = torch.device("cpu")  # where the round's reduction runs (NCCL needs device tensors)
 
     @torch.no_grad()
     def __call__(self, probs, step=0, sample_ids=None):
+        self._device = probs.device
         maxp, pseudo = probs.float().max(dim=-1)
         tau = self.tau.to(device=probs.device, dtype=torch.float32)
         return (maxp >= tau[pseudo]).float(), pseudo
 
     @torch.no_grad()
     def observe_labeled(self, probs, labels):
+        self._device = probs.device
         maxp, pred = probs.float().max(dim=-1)
         ok = pred == labels.to(pred.device)
         cls = labels[ok].long().cpu()
@@ -111,7 +114,7 @@ class DTMThreshold(ThresholdPolicy):
 
     @torch.no_grad()
     def end_round(self):
-        stats = self.all_reduce(torch.stack([self._sum, self._count]))
+        stats = self.all_reduce(torch.stack([self._sum, self._count]).to(self._device)).cpu()
         s, n = stats[0], stats[1]
         pbar = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
         upd = self.momentum * self.tau + (1 - self.momentum) * pbar
