@@ -124,8 +124,7 @@ def plan_shards(records, name: str, samples_per_shard: int, max_shard_bytes: int
         plans.append(ShardPlan(len(plans), f"{name}-{len(plans):06d}.tar", cur))
     for p in plans:
         h = hashlib.sha256(options_fp.encode())
-        for r in p.records:
-            h.update(repr((r.key, r.load, r.cls, r.box, r.box_source)).encode())
+        h.update("\n".join(repr((r.key, r.load, r.cls, r.box, r.box_source)) for r in p.records).encode())
         p.fingerprint = h.hexdigest()
     return plans
 
@@ -134,20 +133,19 @@ def plan_shards(records, name: str, samples_per_shard: int, max_shard_bytes: int
 _WORKER: Dict[str, Any] = {}
 
 
-def _pool_init(cfg: WriterConfig, counter) -> None:
+def _pool_init(counter) -> None:
     logging.basicConfig(level=logging.WARNING)
-    _WORKER["cfg"] = cfg
     _WORKER["counter"] = counter
 
 
-def _pool_task(plan: ShardPlan) -> Dict[str, Any]:
+def _pool_task(plan: ShardPlan, wcfg: WriterConfig) -> Dict[str, Any]:
     counter = _WORKER["counter"]
 
     def progress(n: int) -> None:
         with counter.get_lock():
             counter.value += n
 
-    return build_shard(plan, _WORKER["cfg"], progress)
+    return build_shard(plan, wcfg, progress)
 
 
 def _run_inprocess(plans, wcfg, bar, on_result):
@@ -155,12 +153,18 @@ def _run_inprocess(plans, wcfg, bar, on_result):
         on_result(build_shard(p, wcfg, bar.update if bar else None))
 
 
-def _run_pool(plans, wcfg, workers, bar, on_result):
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("q", 0)
-    shown = 0
-    with ctx.Pool(workers, initializer=_pool_init, initargs=(wcfg, counter)) as pool:
-        pending = [pool.apply_async(_pool_task, (p,)) for p in plans]
+class _WorkerPool:
+    """``--workers N`` spawn-context processes, started before listing so their start-up overlaps it.
+    Each task builds one whole shard; a shared counter feeds the progress bar."""
+
+    def __init__(self, workers: int):
+        ctx = mp.get_context("spawn")
+        self.counter = ctx.Value("q", 0)
+        self.pool = ctx.Pool(workers, initializer=_pool_init, initargs=(self.counter,))
+
+    def run(self, plans, wcfg, bar, on_result) -> None:
+        shown = 0
+        pending = [self.pool.apply_async(_pool_task, (p, wcfg)) for p in plans]
         while pending:
             still = []
             for a in pending:
@@ -170,12 +174,19 @@ def _run_pool(plans, wcfg, workers, bar, on_result):
                     still.append(a)
             pending = still
             if bar is not None:
-                v = counter.value
+                v = self.counter.value
                 if v > shown:
                     bar.update(v - shown)
                     shown = v
             if pending:
                 pending[0].wait(0.2)
+
+    def close(self, ok: bool) -> None:
+        if ok:
+            self.pool.close()
+        else:
+            self.pool.terminate()
+        self.pool.join()
 
 
 def _forward_env() -> Dict[str, str]:
@@ -229,19 +240,8 @@ def _clean_stale_temps(output: str) -> None:
                 pass
 
 
-def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dict[str, Any]:
-    """Build verified shards for ``cfg``; returns the report dict (also written to ``report.json``).
-
-    Raises ``UserError`` for structural input problems (before writing anything) and unusable
-    outputs. ``executor_hook`` (tests) wraps each shard result as it arrives.
-    """
-    t0 = time.time()
-    if cfg.image_size < 8:
-        raise UserError(f"--image-size {cfg.image_size}: must be at least 8")
-    if cfg.samples_per_shard < 1:
-        raise UserError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1")
-    if cfg.detector not in ("none", "haar", "mtcnn"):
-        raise UserError(f"--detector {cfg.detector}: expected none, haar or mtcnn")
+def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
+    """List, plan, resume-check and build the shards of ``cfg`` (see ``run_build``)."""
     listing = list_source(cfg.format, cfg.input, split=cfg.split, name=cfg.name, num_classes=cfg.num_classes,
                           boxes=cfg.boxes)
     name = cfg.name or listing.dataset
@@ -290,20 +290,45 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
             executor_hook(res)
         results[res["shard"]["name"]] = res
 
-    use_ray = cfg.use_ray or bool(os.environ.get("RAY_ADDRESS"))
     try:
         if not todo:
             pass
         elif use_ray:
             _run_ray(todo, wcfg, bar, on_result)
-        elif cfg.workers > 1 and len(todo) > 1:
-            _run_pool(todo, wcfg, min(cfg.workers, len(todo)), bar, on_result)
+        elif pool is not None and len(todo) > 1:
+            pool.run(todo, wcfg, bar, on_result)
         else:
             _run_inprocess(todo, wcfg, bar, on_result)
     finally:
         if bar is not None:
             bar.close()
 
+    return results, plans, listing, skipped_listing, name, resumed, num_todo
+
+
+def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dict[str, Any]:
+    """Build verified shards for ``cfg``; returns the report dict (also written to ``report.json``).
+
+    Raises ``UserError`` for structural input problems (before writing anything) and unusable
+    outputs. ``executor_hook`` (tests) wraps each shard result as it arrives.
+    """
+    t0 = time.time()
+    if cfg.image_size < 8:
+        raise UserError(f"--image-size {cfg.image_size}: must be at least 8")
+    if cfg.samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1")
+    if cfg.detector not in ("none", "haar", "mtcnn"):
+        raise UserError(f"--detector {cfg.detector}: expected none, haar or mtcnn")
+    use_ray = cfg.use_ray or bool(os.environ.get("RAY_ADDRESS"))
+    pool = _WorkerPool(cfg.workers) if cfg.workers > 1 and not use_ray else None
+    ok = False
+    try:
+        results, plans, listing, skipped_listing, name, resumed, num_todo = _build_all(cfg, pool, use_ray,
+                                                                                    executor_hook)
+        ok = True
+    finally:
+        if pool is not None:
+            pool.close(ok)
     ordered = [results[p.name] for p in plans]
     shards = [info_from_dict(r["shard"], cfg.output) for r in ordered]
     shards = [s for s in shards if s.num_samples > 0] or shards

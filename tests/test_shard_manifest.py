@@ -63,6 +63,8 @@ def test_tar_writer_matches_tarfile_and_meta_json_matches_schema():
         w.write(s)
     w.close()
     assert ours.getvalue() == ref.getvalue()
-    kw = dict(source="ferplus", source_id="fer0000001", box=(0.1234567, 0, 48, 48.0), orig_size=(48, 48),
-              box_source="frame", identity=None, label_orig=[0, 9, 1], cls=1)
-    assert meta_json(**kw) == SampleMeta(**kw).to_json()
+    for label_orig in (None, 3, 2.5, [0, 9, 1]):
+        for identity in (None, "n000001", 'we"ird\u00e9'):
+            kw = dict(source="ferplus", source_id="fer/0000001", box=(0.1234567, 0, 48, 47.99999), orig_size=(48, 48),
+                      box_source="frame", identity=identity, label_orig=label_orig, cls=1)
+            assert meta_json(**kw) == SampleMeta(**kw).to_json()

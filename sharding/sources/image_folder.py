@@ -73,27 +73,41 @@ def list_image_folder(root: str, *, name: Optional[str] = None, boxes: Optional[
     records: List[FaceRecord] = []
     skipped: List[Skipped] = []
     root_prefix = os.path.join(root, "")
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "bb_landmark")
-        for fn in sorted(filenames):
+    cut = len(root_prefix)
+    stack = [root]
+    while stack:  # depth-first, sorted: a stable listing order without os.walk's per-file overhead
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise UserError(f"{d}: cannot list folder ({e.strerror or e})") from None
+        subdirs = []
+        for ent in entries:
+            fn = ent.name
             if fn.startswith("."):
                 continue
-            path = os.path.join(dirpath, fn)
-            rel = path[len(root_prefix):].replace(os.sep, "/")
-            stem, ext = os.path.splitext(rel)
-            if ext.lower() not in IMAGE_EXTS:
+            if ent.is_dir():
+                if not (d == root and fn == "bb_landmark"):
+                    subdirs.append(ent.path)
+                continue
+            path = ent.path
+            rel = path[cut:].replace(os.sep, "/")
+            dot = fn.rfind(".")
+            ext = fn[dot:].lower() if dot > 0 else ""
+            if ext not in IMAGE_EXTS:
                 skipped.append(Skipped("not_an_image_file", path, f"extension {ext or '(none)'!r}"))
                 continue
-            parts = rel.split("/")
-            identity = parts[0] if len(parts) > 1 else None
-            box = box_map.get(stem)
+            slash = rel.find("/")
+            identity = rel[:slash] if slash > 0 else None
+            box = box_map.get(rel[: len(rel) - len(ext)]) if box_map else None
             try:
-                size = os.stat(path).st_size
+                size = ent.stat().st_size
             except OSError:
                 size = 0
             records.append(FaceRecord(
                 key=make_key(dataset, rel), source=dataset, source_id=rel, load=("file", path),
                 identity=identity, box=box, box_source="annotation" if box else "detect", size_hint=size))
+        stack.extend(reversed(subdirs))
     if not records and not skipped:
         raise UserError(f"{root}: no images found (expected ROOT/<identity>/<image>.jpg)")
     info = {"boxes": box_file} if box_file else {}
