@@ -9,6 +9,7 @@ Shared by ``sharding/`` and the training code; imports neither torch nor ray.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -191,6 +192,25 @@ def _ensure_bucket(bucket: str, url: str) -> None:
         raise _s3_error(url, e) from e
 
 
+@contextlib.contextmanager
+def _atomic_local(path: str) -> Iterator[IO[bytes]]:
+    """Write a local file under a temporary name in the same folder, then ``os.replace`` it into place:
+    readers see the old file or the whole new one, never a partial write."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def put_bytes(url: str, data: bytes) -> None:
     """Write ``data`` atomically to ``url``."""
     if is_s3(url):
@@ -203,19 +223,8 @@ def put_bytes(url: str, data: bytes) -> None:
         except Exception as e:
             raise _s3_error(url, e) from e
         return
-    d = os.path.dirname(os.path.abspath(url))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(url))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, url)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic_local(url) as f:
+        f.write(data)
 
 
 def _transfer_config():
@@ -242,17 +251,8 @@ def put_file(local_path: str, url: str) -> None:
         except Exception as e:
             raise _s3_error(url, e) from e
         return
-    d = os.path.dirname(os.path.abspath(url))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(url))
-    os.close(fd)
-    try:
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, url)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic_local(url) as f, open(local_path, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 20)
 
 
 def get_file(url: str, local_path: str) -> None:
