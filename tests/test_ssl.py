@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 
 import pytest
@@ -206,3 +207,38 @@ def test_ema_decay_schedule_is_pure():
     assert ema_decay(90, 0.999, warmup_steps=100) == pytest.approx(91 / 100)
     assert ema_decay(100, 0.999, warmup_steps=100) == 0.999
     assert [ema_decay(s, 0.99, 50) for s in range(60)] == [ema_decay(s, 0.99, 50) for s in range(60)]
+
+
+def test_ema_with_sharded_student_params():
+    """ZeRO-3-like student: parameters are empty outside the caller's gather context."""
+    torch.manual_seed(1)
+    full = _Net()
+    ema_ref = EMATeacher(full, decay=0.8)
+    ema = EMATeacher(full, decay=0.8, chunk_size=2)
+    with torch.no_grad():
+        for p in full.parameters():
+            p.mul_(-2.0)
+    ema_ref.update(full, 0)
+    sharded = copy.deepcopy(full)
+    values = {p: p.data.clone() for p in sharded.parameters()}
+    for p in sharded.parameters():
+        p.data = torch.empty(0)
+    live = []
+
+    @contextlib.contextmanager
+    def gather(params):
+        for p in params:
+            p.data = values[p]
+        live.append(len(params))
+        try:
+            yield
+        finally:
+            for p in params:
+                p.data = torch.empty(0)
+
+    ema.update(sharded, 0, gather_ctx=gather)
+    assert max(live) == 2 and all(p.numel() == 0 for p in sharded.parameters())
+    for k, v in ema_ref.module.state_dict().items():
+        torch.testing.assert_close(ema.module.state_dict()[k], v)
+    with pytest.raises(RuntimeError):  # without the context the empty shards cannot be averaged
+        EMATeacher(full, decay=0.8).update(sharded, 0)
