@@ -15,45 +15,100 @@ from ssfer_dist.errors import UserError
 __all__ = ["main", "build_parser"]
 
 
+_BUILD_DEFAULTS = dict(split="train", image_size=112, samples_per_shard=1000, max_shard_bytes=1 << 30, workers=1,
+                      seed=0, detector="none", num_classes=7, jpeg_quality=95, box_scale=1.25,
+                      max_pixels=64 * 1024 * 1024)
+
+
 def _add_build(sub) -> None:
     from sharding.sources import FORMATS
 
+    d = _BUILD_DEFAULTS
     p = sub.add_parser("build", help="turn a dataset into WebDataset shards + manifest.parquet + report.json")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--input", required=True, help="dataset folder (or .rec / fer2013.csv file)")
-    p.add_argument("--output", required=True, help="output folder or s3://bucket/prefix")
-    p.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
-                   help="train | test | all (val: FER2013 PublicTest); ignored by image-folder and insightface-rec")
-    p.add_argument("--image-size", type=int, default=112, help="stored square image side (default 112)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--max-shard-bytes", type=int, default=1 << 30,
-                   help="cut shards before this many bytes (estimated from source sizes)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--seed", type=int, default=0, help="sample order seed (same seed -> identical shards)")
+    p.add_argument("--spec", default=None, help="YAML file with the same fields (flags given here override it)")
+    p.add_argument("--format", choices=FORMATS, help="(required here or in --spec)")
+    p.add_argument("--input", help="dataset folder (or .rec / fer2013.csv file)")
+    p.add_argument("--output", help="output folder or s3://bucket/prefix")
+    p.add_argument("--split", choices=["train", "val", "test", "all"],
+                   help=f"train | test | all (val: FER2013 PublicTest); ignored by image-folder and insightface-rec "
+                        f"(default {d['split']})")
+    p.add_argument("--image-size", type=int, help=f"stored square image side (default {d['image_size']})")
+    p.add_argument("--samples-per-shard", type=int, help=f"default {d['samples_per_shard']}")
+    p.add_argument("--max-shard-bytes", type=int,
+                   help="cut shards before this many bytes (estimated from source sizes; default 1 GiB)")
+    p.add_argument("--workers", type=int, help="worker processes on this machine (default 1)")
+    p.add_argument("--seed", type=int, help="sample order seed; same seed -> identical shards (default 0)")
     p.add_argument("--name", default=None, help="shard/key prefix (default: the dataset's name)")
-    p.add_argument("--detector", default="none", choices=["none", "haar", "mtcnn"],
-                   help="face detector for images without boxes (none: images are aligned face crops)")
-    p.add_argument("--num-classes", type=int, default=7, choices=[7, 8], help="AffectNet protocol (7 or 8 classes)")
+    p.add_argument("--detector", choices=["none", "haar", "mtcnn"],
+                   help="face detector for images without boxes (default none: images are aligned face crops)")
+    p.add_argument("--num-classes", type=int, choices=[7, 8], help="AffectNet protocol (default 7)")
     p.add_argument("--boxes", default=None, help="VGGFace2 loose_bb_*.csv for image-folder (auto-detected)")
-    p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--box-scale", type=float, default=1.25, help="crop side = box-scale x the face box's longer side")
-    p.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
-                   help="skip images larger than this (decompression-bomb guard)")
-    p.add_argument("--ray", action="store_true", help="run shard tasks on Ray (also when RAY_ADDRESS is set)")
+    p.add_argument("--jpeg-quality", type=int, help=f"default {d['jpeg_quality']}")
+    p.add_argument("--box-scale", type=float,
+                   help=f"crop side = box-scale x the face box's longer side (default {d['box_scale']})")
+    p.add_argument("--max-pixels", type=int, help="skip images larger than this (decompression-bomb guard; default 64 Mi)")
+    p.add_argument("--ray", action="store_true", default=None,
+                   help="run shard tasks on Ray (also when RAY_ADDRESS is set)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_cmd_build)
+
+
+_SPEC_FIELDS = ("format", "input", "output", "split", "image_size", "samples_per_shard", "max_shard_bytes", "workers",
+                "seed", "name", "detector", "num_classes", "boxes", "jpeg_quality", "box_scale", "max_pixels", "ray")
+
+
+_SPEC_TYPES = {"image_size": int, "samples_per_shard": int, "max_shard_bytes": int, "workers": int, "seed": int,
+               "num_classes": int, "jpeg_quality": int, "box_scale": float, "max_pixels": int, "ray": bool}
+
+
+def _load_spec(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"{path}: cannot read spec ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a mapping of build fields")
+    out = {}
+    for k, v in spec.items():
+        key = str(k).replace("-", "_")
+        if key not in _SPEC_FIELDS:
+            raise UserError(f"{path}: unknown field {k!r} (expected one of {', '.join(_SPEC_FIELDS)})")
+        want = _SPEC_TYPES.get(key, str)
+        if v is not None and not (isinstance(v, want) and not (want is int and isinstance(v, bool))):
+            if want is float and isinstance(v, int):
+                v = float(v)
+            else:
+                raise UserError(f"{path}: field {k!r} must be {want.__name__}, got {v!r}")
+        out[key] = v
+    return out
 
 
 def _cmd_build(a) -> int:
     from sharding.build import BuildConfig, run_build
 
-    cfg = BuildConfig(format=a.format, input=a.input, output=a.output, split=a.split, image_size=a.image_size,
-                      samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes, workers=a.workers,
-                      seed=a.seed, name=a.name, detector=a.detector, num_classes=a.num_classes, boxes=a.boxes,
-                      jpeg_quality=a.jpeg_quality, box_scale=a.box_scale, max_pixels=a.max_pixels,
-                      use_ray=a.ray, progress=not a.no_progress)
+    merged = dict(_BUILD_DEFAULTS)
+    if a.spec:
+        merged.update(_load_spec(a.spec))
+    merged.update({k: getattr(a, k) for k in _SPEC_FIELDS if getattr(a, k, None) is not None})
+    missing = [f"--{k}" for k in ("format", "input", "output") if not merged.get(k)]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (give them as flags or in --spec)")
+    use_ray = bool(merged.pop("ray", False))
+    try:
+        cfg = BuildConfig(use_ray=use_ray, progress=not a.no_progress, **merged)
+    except TypeError as e:
+        raise UserError(f"build spec: {e}") from None
+    from sharding.sources import FORMATS
+
+    if cfg.format not in FORMATS:
+        raise UserError(f"format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
     rep = run_build(cfg)
-    print(f"{rep['num_samples']} samples in {rep['num_shards']} shards -> {a.output} "
+    print(f"{rep['num_samples']} samples in {rep['num_shards']} shards -> {cfg.output} "
           f"({rep['num_skipped']} skipped: {rep['skipped_by_reason'] or 'none'}; "
           f"{rep['images_per_s']} images/s)")
     return 0

@@ -235,3 +235,13 @@ def test_max_shard_bytes_and_rec_plans(tmp_path):
     ma, mb = read_manifest(str(tmp_path / "a")), read_manifest(str(tmp_path / "b"))
     assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards] and rep2["num_shards"] == rep["num_shards"]
     assert max(s.num_samples for s in ma.shards) <= 3
+
+
+def test_ray_build_to_s3(tmp_path, ray_local, s3_bucket):
+    root = make_rafdb(tmp_path / "raf", n_train=5)
+    out = f"{s3_bucket}/ray-raf"
+    rep = build("rafdb", root, out, use_ray=True, samples_per_shard=2)
+    assert rep["num_shards"] == 3 and rep["num_samples"] == 5
+    assert verify(out)[0] == []
+    assert sorted(n for n in storage.list_files(out) if n.endswith(".tar")) == \
+        ["rafdb-000000.tar", "rafdb-000001.tar", "rafdb-000002.tar"]

@@ -374,9 +374,13 @@ def test_cli_structural_error_keeps_existing_output(tmp_path):
     root = make_rafdb(tmp_path / "raf")
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    ok = subprocess.run([sys.executable, "-m", "sharding", "build", "--format", "rafdb", "--input", root,
-                         "--output", str(out), "--no-progress"], capture_output=True, text=True, env=env)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"format: rafdb\ninput: {root}\nimage-size: 64\nsamples_per_shard: 2\n")
+    ok = subprocess.run([sys.executable, "-m", "sharding", "build", "--spec", str(spec), "--output", str(out),
+                         "--image-size", "48"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
+    assert "img/s" in ok.stderr  # the tqdm progress bar
+    assert read_manifest(str(out)).image_size == 48 and len(read_manifest(str(out)).shards) == 3
     before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
     with open(os.path.join(root, "EmoLabel", "list_patition_label.txt"), "a") as f:
         f.write("only_one_field\n")
@@ -386,3 +390,7 @@ def test_cli_structural_error_keeps_existing_output(tmp_path):
     err = [l for l in bad.stderr.splitlines() if "error" in l]
     assert len(err) == 1 and "list_patition_label.txt:10:" in err[0], bad.stderr
     assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
+    spec.write_text("format: rafdb\nimage_size: big\n")
+    bad = subprocess.run([sys.executable, "-m", "sharding", "build", "--spec", str(spec)], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and "spec.yaml: field 'image_size' must be int" in bad.stderr
