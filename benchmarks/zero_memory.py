@@ -1,0 +1,138 @@
+"""Per-rank parameter + gradient + optimizer bytes at ZeRO 0/1/2/3 with 2 ranks (ViT-S MAE, fp32, AdamW).
+
+Two gloo processes build the engine exactly as training does (``ssfer_dist.dist.engine``), take one
+optimizer step (so AdamW states exist), then run a second forward/backward. Right after that backward,
+every live tensor storage in the process is summed (found through the garbage collector, deduplicated by
+storage): model parameters (or their ZeRO-3 shards), gradients / gradient partitions and buckets, fp32
+master partitions and the AdamW moments. The input batch is excluded; activations are freed by then.
+
+    python benchmarks/zero_memory.py [--size small] [--img-size 224] [--batch 2]
+
+Prints one row per stage and the ratio to ZeRO-0 (target: ZeRO-3 <= 0.6x).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _live_tensor_bytes(exclude) -> int:
+    seen = set()
+    total = 0
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor):
+                continue
+        except Exception:
+            continue
+        ts = [obj]
+        if isinstance(obj, torch.nn.Parameter) and hasattr(obj, "ds_tensor"):
+            ts.append(obj.ds_tensor)
+        for t in ts:
+            try:
+                st = t.untyped_storage()
+            except Exception:
+                continue
+            ptr = st.data_ptr()
+            if ptr == 0 or ptr in seen or ptr in skip:
+                continue
+            seen.add(ptr)
+            total += st.nbytes()
+    return total
+
+
+def _worker(rank: int, world: int, port: int, stage: int, size: str, img_size: int, batch: int, out_q) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ssfer-torch-extensions"))
+    torch.set_num_threads(1)
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from ssfer_dist.config import OptimCfg, TrainCfg
+    from ssfer_dist.dist.engine import build_engine, build_optimizer, ds_config
+    from ssfer_dist.models.classifier import param_groups
+    from ssfer_dist.models.mae import build_mae
+
+    torch.manual_seed(0)
+    model = build_mae(size, img_size, 16)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = build_optimizer(param_groups(model, 0.05, 1.0), OptimCfg(), 1e-4)
+    engine = build_engine(model, opt, ds_config(TrainCfg(zero_stage=stage), batch, world))
+    x = torch.randn(batch, 3, img_size, img_size)
+    for it in range(2):
+        loss, _, _ = engine(x, mask_ratio=0.75)
+        engine.backward(loss)
+        if it == 1:
+            gc.collect()
+            measured = _live_tensor_bytes([x])
+        engine.step()
+    out_q.put({"stage": stage, "rank": rank, "bytes": measured, "params": n_params, "trainable": n_trainable})
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(stage: int, size: str, img_size: int, batch: int, world: int = 2):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, stage, size, img_size, batch, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    res = [q.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join(timeout=120)
+    return sorted(res, key=lambda r: r["rank"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    a = ap.parse_args(argv)
+    rows = []
+    for stage in (0, 1, 2, 3):
+        res = measure(stage, a.size, a.img_size, a.batch)
+        per_rank = max(r["bytes"] for r in res)
+        rows.append({"zero_stage": stage, "bytes_per_rank": per_rank, "params": res[0]["params"],
+                     "trainable": res[0]["trainable"], "ranks": [r["bytes"] for r in res]})
+        print(f"ZeRO-{stage}: {per_rank / 2**20:9.1f} MiB per rank (ranks: "
+              f"{', '.join(f'{r['bytes'] / 2**20:.1f}' for r in res)})", flush=True)
+    base = rows[0]["bytes_per_rank"]
+    print(f"\nViT-{a.size} MAE, {rows[0]['params'] / 1e6:.1f} M params ({rows[0]['trainable'] / 1e6:.1f} M trainable), "
+          f"2 ranks, fp32 AdamW")
+    print("stage  MiB/rank  ratio-to-ZeRO-0")
+    for r in rows:
+        r["ratio"] = r["bytes_per_rank"] / base
+        print(f"{r['zero_stage']:>5}  {r['bytes_per_rank'] / 2**20:8.1f}  {r['ratio']:.3f}")
+    z3 = rows[3]["ratio"]
+    print(f"\nZeRO-3 / ZeRO-0 = {z3:.3f}  (target <= 0.6: {'met' if z3 <= 0.6 else 'NOT met'})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Integration: 2 gloo workers on a local Ray, real DeepSpeed on CPU, real S3 (SeaweedFS).
+
+- debug MAE under ZeRO-2 with storage on S3: loss falls, checkpoints/metrics/export land in the bucket;
+- debug MAE under ZeRO-3 with an injected worker failure: Ray restarts the group through FailureConfig,
+  the run resumes from the last checkpoint, finishes at the same final step, and the redone steps see
+  exactly the batches the failed attempt saw (data position restored);
+- the three debug stages chain through their exports (``ssfer pipeline``);
+- a bad config / missing shard / unwritable storage fails before any worker starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ssfer_dist import storage
+from ssfer_dist.config import load_config
+from ssfer_dist.errors import UserError
+from ssfer_dist.train.debugdata import write_debug_shards
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_debug_shards(str(tmp_path_factory.mktemp("dshards")))
+
+
+def _cfg(name, shards, storage_url, extra=()):
+    ov = [f"data.shards={shards['fr']}", f"run.storage={storage_url}", f"run.name={name}"] + list(extra)
+    return load_config(os.path.join(CONFIGS, name if name.endswith(".yaml") else "debug_cpu_pretrain.yaml"), ov)
+
+
+def _metrics(run_url, name="metrics.jsonl"):
+    return [json.loads(x) for x in storage.get_bytes(storage.join(run_url, name)).decode().splitlines() if x.strip()]
+
+
+def test_mae_zero2_on_s3_loss_falls(ray_local, shards, s3_bucket):
+    from ssfer_dist.dist.launch import run_stage
+
+    cfg = _cfg("mae-z2", shards, f"{s3_bucket}/runs", ["train.zero_stage=2", "train.log_every=5"])
+    res = run_stage(cfg)
+    assert res.run_url == f"{s3_bucket}/runs/mae-z2"
+    rec = _metrics(res.run_url)
+    assert [r["step"] for r in rec] == [5, 10, 15, 20, 25, 30]
+    losses = [r["loss"] for r in rec]
+    assert min(losses[-2:]) < losses[0] * 0.9, losses
+    assert res.metrics["step"] == 30
+    files = storage.list_files(res.run_url)
+    assert "export/model.safetensors" in files
+    assert any(f.startswith("checkpoint_00000030/ds/") for f in files)
+    assert any(f.startswith("previews/step_") and f.endswith(".png") for f in files)
+    assert any(f.startswith("tb/events.") for f in files)
+    # the export is a loadable MAE whose encoder goes into a classifier
+    local = os.path.join(os.path.dirname(shards["fr"]), "mae-z2.safetensors")
+    storage.get_file(res.export_path, local)
+    from ssfer_dist.models.io import classifier_from_weights, load_weights
+
+    sd, meta = load_weights(local)
+    assert meta["kind"] == "mae" and meta["arch"]["size"] == "micro" and "decoder_pred.weight" in sd
+    model, _ = classifier_from_weights(local, num_classes=7)
+    assert model.head.out_features == 7
+
+
+def test_mae_zero3_survives_a_killed_worker(ray_local, shards, tmp_path):
+    from ssfer_dist.dist.launch import run_stage
+
+    marker = tmp_path / "fault.marker"
+    cfg = _cfg("mae-z3", shards, str(tmp_path / "runs"),
+               ["train.zero_stage=3", "train.max_steps=24", "train.log_every=1", "checkpoint.every_steps=8",
+                "failure.max_failures=1", "debug.fail_at_step=13", "debug.fail_rank=1", f"debug.fail_marker={marker}",
+                "train.preview_every=0"])
+    res = run_stage(cfg)
+    assert marker.exists()                                       # the fault fired (once)
+    rec = _metrics(res.run_url)
+    assert [r["step"] for r in rec] == list(range(1, 25))       # every step exactly once, to the same final step
+    assert rec[-1]["data_position"] == 24 and rec[-1]["samples_seen"] == 24 * 32
+    redone = {r["step"]: r for r in _metrics(res.run_url, "metrics_redone.jsonl")}
+    assert sorted(redone) == [9, 10, 11, 12, 13]                 # logged before the fault, after checkpoint 8
+    by_step = {r["step"]: r for r in rec}
+    for s, r in redone.items():                                  # resumed run saw the very same batches
+        assert by_step[s]["batch_digest"] == r["batch_digest"], s
+        assert by_step[s]["data_position"] == r["data_position"] == s
+        assert by_step[s]["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-5)
+    losses = [r["loss"] for r in rec]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    state = json.load(open(os.path.join(res.run_url, "checkpoint_00000024", "train_state.json")))
+    assert state["step"] == 24 and state["micro_batch"] == 24 and state["stage"] == "mae"
+    assert os.path.exists(res.export_path)
+
+
+def test_three_debug_stages_chain_through_exports(ray_local, shards, tmp_path):
+    from ssfer_dist.dist.launch import run_pipeline
+    from ssfer_dist.models.io import classifier_from_weights, load_weights
+
+    ov = [f"storage={tmp_path / 'runs'}",
+          f"pretrain.data.shards={shards['fr']}", f"finetune.data.shards={shards['labeled']}",
+          f"semisup.data.shards={shards['labeled']}",
+          f"semisup.data.unlabeled=[{{shards: {shards['unlabeled']}, weight: 0.7}}, {{shards: {shards['fr']}, weight: 0.3}}]",
+          "*.train.max_steps=10", "*.checkpoint.every_steps=0", "*.train.preview_every=0"]
+    results = run_pipeline(os.path.join(CONFIGS, "debug_cpu_pipeline.yaml"), ov)
+    kinds = [load_weights(r.export_path)[1]["kind"] for r in results]
+    assert kinds == ["mae", "classifier", "classifier"]
+    ft_cfg = json.loads(json.dumps(_metrics(results[1].run_url)[-1]))
+    assert ft_cfg["step"] == 10 and "loss_mix" in ft_cfg
+    semi = _metrics(results[2].run_url)[-1]
+    assert semi["step"] == 10 and "mask_rate" in semi and "loss_u" in semi
+    model, meta = classifier_from_weights(results[2].export_path)
+    assert meta["arch"]["num_classes"] == 7 and len(meta["class_names"]) == 7
+    # the stages really started from each other's exports
+    import torch
+
+    pre, _ = load_weights(results[0].export_path)
+    ft, _ = load_weights(results[1].export_path)
+    assert not torch.equal(pre["blocks.0.attn.qkv.weight"], ft["blocks.0.attn.qkv.weight"])
+    assert torch.allclose(pre["patch_embed.proj.weight"], ft["patch_embed.proj.weight"], atol=0.05)
+
+
+def test_bad_inputs_fail_before_any_worker(shards, tmp_path, s3_server, monkeypatch):
+    from ssfer_dist.cli import main
+
+    runs = tmp_path / "runs"
+    base = ["run", os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"), "--set", f"run.storage={runs}"]
+    # bad config value
+    assert main(base + ["--set", f"data.shards={shards['fr']}", "--set", "train.zero_stage=5"]) == 2
+    # missing manifest
+    assert main(base + ["--set", f"data.shards={tmp_path / 'nowhere'}"]) == 2
+    # a shard listed in the manifest is gone
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shards["fr"], broken)
+    os.remove(sorted(broken.glob("*.tar"))[1])
+    with pytest.raises(UserError, match=r"data.shards: shard .*fr-000001.tar .* is missing"):
+        from ssfer_dist.dist.launch import preflight
+
+        preflight(load_config(os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"), [f"data.shards={broken}"]))
+    assert main(base + ["--set", f"data.shards={broken}"]) == 2
+    # storage with wrong credentials
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(UserError, match=r"run.storage: s3://ssfer-nope"):
+        preflight(load_config(os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"),
+                              [f"data.shards={shards['fr']}", "run.storage=s3://ssfer-nope/runs"]))
+    assert not runs.exists()                                   # nothing was started or written
