@@ -331,10 +331,13 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
             pool.close(ok)
     ordered = [results[p.name] for p in plans]
     shards = [info_from_dict(r["shard"], cfg.output) for r in ordered]
-    shards = [s for s in shards if s.num_samples > 0] or shards
+    shards = [s for s in shards if s.num_samples > 0]
     elapsed = time.time() - t0
     report = _report(cfg, name, listing, skipped_listing, ordered, shards, resumed, elapsed, num_todo)
-    storage.put_bytes(storage.join(cfg.output, REPORT_NAME), json.dumps(report, indent=1, sort_keys=True).encode())
+    report_url = storage.join(cfg.output, REPORT_NAME)
+    storage.put_bytes(report_url, json.dumps(report, indent=1, sort_keys=True).encode())
+    if not shards:
+        raise UserError(f"{cfg.input}: every sample was skipped ({report['skipped_by_reason']}); see {report_url}")
     mf.write_manifest(cfg.output, shards, dataset=name, image_size=cfg.image_size, num_classes=listing.num_classes,
                       extra={"format": cfg.format, "split": cfg.split, "seed": cfg.seed,
                              "samples_per_shard": cfg.samples_per_shard, "detector": cfg.detector,

@@ -394,3 +394,13 @@ def test_cli_structural_error_keeps_existing_output(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sharding", "build", "--spec", str(spec)], capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and "spec.yaml: field 'image_size' must be int" in bad.stderr
+
+
+def test_all_samples_bad_is_an_error_with_a_report(tmp_path):
+    write(tmp_path / "in" / "a" / "x.jpg", b"garbage")
+    write(tmp_path / "in" / "a" / "y.jpg", b"")
+    with pytest.raises(UserError, match=r"every sample was skipped .*report.json"):
+        build("image-folder", tmp_path / "in", tmp_path / "out")
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["skipped_by_reason"] == {"empty_file": 1, "not_an_image": 1}
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
