@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ssfer_dist.errors import UserError
 from ssfer_dist.models.classifier import build_classifier, param_groups
 from ssfer_dist.models.io import classifier_from_weights, load_weights, save_weights
-from ssfer_dist.models.mae import build_mae, import_mae_checkpoint
+from ssfer_dist.models.mae import build_mae, convert_mae_checkpoint, import_mae_checkpoint
 from ssfer_dist.models.vit import build_vit
 
 IMG, PATCH = 32, 8
@@ -175,6 +175,23 @@ def test_official_checkpoint_roundtrip(tmp_path):
 
 class Evil:  # arbitrary pickled objects are refused (weights_only=True)
     pass
+
+
+def test_convert_official_checkpoint_to_weights_file(tmp_path):
+    m = tiny_mae()
+    pth = tmp_path / "mae.pth"
+    torch.save({"model": m.state_dict()}, pth)
+    enc = str(tmp_path / "enc.safetensors")
+    meta = convert_mae_checkpoint(str(pth), enc, kind="encoder", decoder_heads=2)
+    assert meta["kind"] == "encoder" and meta["arch"]["size"] == "micro"
+    clf, _ = classifier_from_weights(enc, num_classes=7)
+    assert torch.equal(clf.blocks[0].attn.qkv.weight, m.blocks[0].attn.qkv.weight)
+    full = str(tmp_path / "mae.safetensors")
+    convert_mae_checkpoint(str(pth), full, kind="mae", decoder_heads=2)
+    sd, meta = load_weights(full)
+    assert meta["kind"] == "mae" and meta["arch"]["decoder_heads"] == 2
+    m2 = build_mae("micro", IMG, PATCH, decoder_dim=32, decoder_depth=2, decoder_heads=2)
+    m2.load_state_dict(sd, strict=True)
 
 
 def test_import_checkpoint_errors(tmp_path):

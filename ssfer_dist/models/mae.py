@@ -276,3 +276,23 @@ def import_mae_checkpoint(path: str, img_size: Optional[int] = None, norm_pix_lo
                         f"model {tuple(own[bad[0]].shape)}")
     model.load_state_dict({k: sd[k] for k in own}, strict=True)
     return model
+
+
+def convert_mae_checkpoint(src: str, dst: str, img_size: Optional[int] = None, kind: str = "mae",
+                           decoder_heads: Optional[int] = None) -> Dict:
+    """Official MAE / SSFER ``.pth`` -> our safetensors weights file (``kind`` "mae" or "encoder"); returns meta.
+
+    The result is what ``init.weights`` takes: an MAE to continue pretraining or an encoder to fine-tune.
+    """
+    from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
+    from ssfer_dist.models.io import save_weights
+
+    if kind not in ("mae", "encoder"):
+        raise UserError(f"kind must be 'mae' or 'encoder', got {kind!r}")
+    model = import_mae_checkpoint(src, img_size=img_size, decoder_heads=decoder_heads)
+    arch = dict(model.arch, num_classes=0, global_pool="token")
+    meta = {"kind": kind, "arch": arch, "class_names": [], "mean": list(FACE_MEAN), "std": list(FACE_STD),
+            "source": os.path.basename(src)}
+    sd = model.state_dict() if kind == "mae" else model.export_encoder()
+    save_weights(dst, sd, meta)
+    return meta
