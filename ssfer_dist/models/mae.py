@@ -93,8 +93,7 @@ class MAE(nn.Module):
         self.decoder_pos_embed.data.copy_(
             torch.from_numpy(sincos_pos_embed_2d(self.decoder_pos_embed.shape[-1], gs)).float()[None])
         w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # conv bias keeps PyTorch's default, as upstream
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(self._init_module)
