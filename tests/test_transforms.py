@@ -71,7 +71,7 @@ def test_uint8_then_device_normalisation_matches_float():
     f = to_tensor(img)
     u = to_tensor(img, uint8=True)
     torch.testing.assert_close(normalize_on_device(u), f)
-    batch = normalize_on_device(torch.stack([u, u]))
+    batch = normalize_on_device(torch.stack([u, u]), None, None)
     torch.testing.assert_close(batch[1], f)
     expect = (np.asarray(img, np.float32)[0, 0] / 255 - np.array(FACE_MEAN)) / np.array(FACE_STD)
     np.testing.assert_allclose(f[:, 0, 0].numpy(), expect, rtol=1e-5)

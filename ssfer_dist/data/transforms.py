@@ -26,9 +26,14 @@ KINDS = ("mae", "weak", "strong", "eval")
 RANDAUG = "rand-m9-mstd0.5-inc1"
 
 
-def normalize_on_device(x: torch.Tensor, mean: Sequence[float] = FACE_MEAN, std: Sequence[float] = FACE_STD,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [..., 3, H, W] (any device) -> normalised float ``dtype``: (x / 255 - mean) / std."""
+def normalize_on_device(x: torch.Tensor, mean: Optional[Sequence[float]] = FACE_MEAN,
+                        std: Optional[Sequence[float]] = FACE_STD, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., 3, H, W] (any device) -> normalised float ``dtype``: (x / 255 - mean) / std.
+
+    ``mean``/``std`` None mean the face normalisation (so a weights file's optional meta can be passed as is).
+    """
+    mean = FACE_MEAN if mean is None else mean
+    std = FACE_STD if std is None else std
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=torch.float32).view(3, 1, 1)
     return ((x.float() / 255.0 - m) / s).to(dtype)
