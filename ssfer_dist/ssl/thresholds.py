@@ -87,10 +87,12 @@ class DTMThreshold(ThresholdPolicy):
     num_views = 2
     needs_labeled = True
 
-    def __init__(self, num_classes: int, tau0: float = 0.8, momentum: float = 0.9, floor: float = 0.8,
+    def __init__(self, num_classes: int, tau0: float = 0.8, momentum: float = 0.9, floor: Optional[float] = None,
                  all_reduce: Optional[AllReduce] = None):
+        """``floor`` (the reset value and the bar p_c must reach) defaults to ``tau0``, as in DTM."""
         super().__init__(num_classes, all_reduce)
-        self.tau0, self.momentum, self.floor = float(tau0), float(momentum), float(floor)
+        self.tau0, self.momentum = float(tau0), float(momentum)
+        self.floor = self.tau0 if floor is None else float(floor)
         self.tau = torch.full((num_classes,), self.tau0, dtype=torch.float64)
         self._sum = torch.zeros(num_classes, dtype=torch.float64)   # sum of max prob, correct samples, per class
         self._count = torch.zeros(num_classes, dtype=torch.float64)
