@@ -138,6 +138,9 @@ class MAE(nn.Module):
         len_keep = int(length * (1 - mask_ratio))
         if noise is None:
             noise = torch.rand(n, length, device=x.device)
+        elif noise.shape != (n, length):
+            raise ValueError(f"noise must be [N, L] = {[n, length]}, got {list(noise.shape)}")
+        noise = noise.to(x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
