@@ -1,4 +1,4 @@
-"""Per-rank parameter + gradient + optimizer bytes at ZeRO 0/1/2/3 with 2 ranks (ViT-S MAE, fp32, AdamW).
+"""Per-rank parameter + gradient + optimizer bytes at ZeRO 0/1/2/3 with 2 ranks (ViT-S MAE, AdamW; fp32 or bf16).
 
 Two gloo processes build the engine exactly as training does (``ssfer_dist.dist.engine``), take one
 optimizer step (so AdamW states exist), then run a second forward/backward. Right after that backward,
@@ -6,7 +6,7 @@ every live tensor storage in the process is summed (found through the garbage co
 storage): model parameters (or their ZeRO-3 shards), gradients / gradient partitions and buckets, fp32
 master partitions and the AdamW moments. The input batch is excluded; activations are freed by then.
 
-    python benchmarks/zero_memory.py [--size small] [--img-size 224] [--batch 2]
+    python benchmarks/zero_memory.py [--size small] [--img-size 224] [--batch 2] [--precision fp32|bf16]
 
 Prints one row per stage and the ratio to ZeRO-0 (target: ZeRO-3 <= 0.6x).
 """
@@ -52,7 +52,8 @@ def _live_tensor_bytes(exclude) -> int:
     return total
 
 
-def _worker(rank: int, world: int, port: int, stage: int, size: str, img_size: int, batch: int, out_q) -> None:
+def _worker(rank: int, world: int, port: int, stage: int, size: str, img_size: int, batch: int, precision: str,
+            out_q) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ssfer-torch-extensions"))
@@ -71,8 +72,10 @@ def _worker(rank: int, world: int, port: int, stage: int, size: str, img_size: i
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = build_optimizer(param_groups(model, 0.05, 1.0), OptimCfg(), 1e-4)
-    engine = build_engine(model, opt, ds_config(TrainCfg(zero_stage=stage), batch, world))
+    engine = build_engine(model, opt, ds_config(TrainCfg(zero_stage=stage, precision=precision), batch, world))
     x = torch.randn(batch, 3, img_size, img_size)
+    if precision == "bf16":
+        x = x.to(torch.bfloat16)
     for it in range(2):
         loss, _, _ = engine(x, mask_ratio=0.75)
         engine.backward(loss)
@@ -91,11 +94,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(stage: int, size: str, img_size: int, batch: int, world: int = 2):
+def measure(stage: int, size: str, img_size: int, batch: int, precision: str, world: int = 2):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, stage, size, img_size, batch, q)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, stage, size, img_size, batch, precision, q)) for r in range(world)]
     for p in procs:
         p.start()
     res = [q.get(timeout=900) for _ in procs]
@@ -104,24 +107,28 @@ def measure(stage: int, size: str, img_size: int, batch: int, world: int = 2):
     return sorted(res, key=lambda r: r["rank"])
 
 
+from ssfer_dist.config import TrainCfg as TrainCfgDefault  # noqa: E402
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="small")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args(argv)
     rows = []
     for stage in (0, 1, 2, 3):
-        res = measure(stage, a.size, a.img_size, a.batch)
+        res = measure(stage, a.size, a.img_size, a.batch, a.precision)
         per_rank = max(r["bytes"] for r in res)
         rows.append({"zero_stage": stage, "bytes_per_rank": per_rank, "params": res[0]["params"],
                      "trainable": res[0]["trainable"], "ranks": [r["bytes"] for r in res]})
-        print(f"ZeRO-{stage}: {per_rank / 2**20:9.1f} MiB per rank (ranks: "
-              f"{', '.join(f'{r['bytes'] / 2**20:.1f}' for r in res)})", flush=True)
+        ranks = ", ".join("%.1f" % (r["bytes"] / 2 ** 20) for r in res)
+        print(f"ZeRO-{stage}: {per_rank / 2**20:9.1f} MiB per rank (ranks: {ranks})", flush=True)
     base = rows[0]["bytes_per_rank"]
     print(f"\nViT-{a.size} MAE, {rows[0]['params'] / 1e6:.1f} M params ({rows[0]['trainable'] / 1e6:.1f} M trainable), "
-          f"2 ranks, fp32 AdamW")
+          f"2 ranks, {a.precision} AdamW, ZeRO buckets {TrainCfgDefault.zero_bucket_size:.0e} elements")
     print("stage  MiB/rank  ratio-to-ZeRO-0")
     for r in rows:
         r["ratio"] = r["bytes_per_rank"] / base

@@ -123,6 +123,7 @@ class TrainCfg:
     grad_clip: Optional[float] = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_bucket_size: int = 5_000_000 # elements per ZeRO reduce/allgather/prefetch bucket
     log_every: int = 10
     preview_every: int = 0            # MAE reconstruction PNGs every N steps (0: off)
     tensorboard: bool = True
@@ -388,7 +389,7 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
 
 
 def _abs(url: Optional[str]) -> Optional[str]:
-    if not url or "://" in url or os.path.isabs(url):
+    if not url or "://" in url or os.path.isabs(url) or "$" in url:   # "$": an unset ${VAR}, left as written
         return url
     return os.path.abspath(url)
 
@@ -439,7 +440,8 @@ def _check(cfg: Config, source: str) -> None:
     positive_int = [("scaling.num_workers", cfg.scaling.num_workers), ("data.batch_size_per_rank",
                     cfg.data.batch_size_per_rank), ("train.grad_accum", cfg.train.grad_accum),
                     ("data.mu", cfg.data.mu), ("model.img_size", cfg.model.img_size),
-                    ("model.patch_size", cfg.model.patch_size), ("train.log_every", cfg.train.log_every)]
+                    ("model.patch_size", cfg.model.patch_size), ("train.log_every", cfg.train.log_every),
+                    ("train.zero_bucket_size", cfg.train.zero_bucket_size)]
     for key, v in positive_int:
         if v < 1:
             err(key, f"expected an integer >= 1, got {v}")

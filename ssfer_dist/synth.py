@@ -167,7 +167,7 @@ def _face_layer(p: FaceParams, a: float) -> Image.Image:
     for sgn in (-1, 1):
         xi, xo = cx + sgn * 0.14 * a, cx + sgn * 0.62 * a
         yi, yo = by - p.brow_in * 2 * b, by - p.brow_out * 2 * b
-        d.line([xi, yi, xo, yo], fill=dark, width=int(lw * 2.2))
+        d.line([xi, yi, xo, yo], fill=dark, width=int(lw * 3))
     # Nose.
     d.line([cx, cy - 0.05 * b, cx - 0.06 * a, cy + 0.18 * b, cx + 0.03 * a, cy + 0.2 * b], fill=dark, width=max(1, lw // 2))
     if p.sneer > 0.07:  # disgust: wrinkles beside the nose
@@ -184,7 +184,7 @@ def _face_layer(p: FaceParams, a: float) -> Image.Image:
     if p.mouth_open > 0.04:
         d.polygon(upper + lower[::-1], fill=(90, 20, 30, 255), outline=dark)
     else:
-        d.line(upper, fill=(110, 30, 40, 255), width=2 * lw)
+        d.line(upper, fill=(110, 30, 40, 255), width=3 * lw)
     return img
 
 

@@ -19,7 +19,7 @@ from ssfer_dist.config import OptimCfg, TrainCfg
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ds_config", "default_param_groups", "build_optimizer", "build_engine", "set_lr", "gather_ctx",
+__all__ = ["ds_config", "build_optimizer", "build_engine", "set_lr", "gather_ctx",
            "consolidated_state_dict", "engine_dtype"]
 
 
@@ -37,44 +37,20 @@ def ds_config(train: TrainCfg, batch_size_per_rank: int, world_size: int) -> Dic
         "zero_optimization": {"stage": int(train.zero_stage)},
     }
     z = cfg["zero_optimization"]
+    bucket = int(train.zero_bucket_size)   # DeepSpeed's 5e8-element default is 2 GB of fp32 per bucket
     if train.zero_stage in (1, 2):
         z.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True,
-                  "allgather_partitions": True})
+                  "allgather_partitions": True, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
     if train.zero_stage == 3:
-        z.update({"contiguous_gradients": True, "overlap_comm": False,
-                  "stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+        z.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_bucket_size": bucket,
+                  "stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 0,
+                  "stage3_gather_16bit_weights_on_model_save": False})
     if train.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 500,
                        "hysteresis": 2, "min_loss_scale": 1}
     return cfg
-
-
-def default_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """AdamW groups: no weight decay on norms, biases, position embeddings and tokens (MAE recipe)."""
-    skip = set()
-    if hasattr(model, "no_weight_decay"):
-        try:
-            skip = set(model.no_weight_decay())
-        except Exception:  # pragma: no cover - model-specific
-            skip = set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 or name in skip or leaf in ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed") \
-                or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0})
-    return groups
 
 
 def build_optimizer(groups: List[Dict[str, Any]], optim: OptimCfg, lr: float) -> torch.optim.Optimizer:
@@ -142,35 +118,7 @@ def consolidated_state_dict(engine, zero_stage: int) -> Optional[Dict[str, torch
     for k, v in module.state_dict().items():
         v = v.detach().cpu()
         sd[k] = v.float().clone() if v.is_floating_point() else v.clone()
-    # bf16/fp16 engines hold fp32 masters in the optimizer; copy them over the low-precision weights.
-    if getattr(engine, "bfloat16_enabled", lambda: False)() or getattr(engine, "fp16_enabled", lambda: False)():
-        masters = _fp32_masters(engine)
-        if masters:
-            sd.update(masters)
     return sd
-
-
-def _fp32_masters(engine) -> Dict[str, torch.Tensor]:
-    """fp32 master weights (ZeRO 0/1/2 with bf16/fp16); empty when not available."""
-    try:
-        from deepspeed.runtime.zero.utils import is_zero_param  # noqa: F401
-        opt = engine.optimizer
-        if hasattr(opt, "get_fp32_params") or not hasattr(opt, "bit16_groups"):
-            return {}
-        names = {id(p): n for n, p in engine.module.named_parameters()}
-        out = {}
-        fp32_groups = getattr(opt, "single_partition_of_fp32_groups", None)
-        if fp32_groups is None or torch.distributed.get_world_size() > 1:
-            return {}
-        for g16, g32 in zip(opt.bit16_groups, fp32_groups):
-            offset = 0
-            for p in g16:
-                n = p.numel()
-                out[names[id(p)]] = g32[offset:offset + n].view_as(p).float().cpu().clone()
-                offset += n
-        return out
-    except Exception:  # pragma: no cover - best effort
-        return {}
 
 
 def ds_env_defaults() -> None:

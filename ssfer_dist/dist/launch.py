@@ -91,8 +91,6 @@ def preflight(cfg: Config, check_storage: bool = True) -> Dict[str, Any]:
             w = os.path.join(w, "model.safetensors")
         if not storage.exists(w):
             raise UserError(f"init.weights: {w}: weights file not found")
-        if storage.is_s3(w):
-            raise UserError(f"init.weights: {w}: s3:// weights are not supported yet; copy the file locally")
     d = derived(cfg, labeled.num_samples)
     plan.update(steps_per_epoch=d["steps_per_epoch"], total_steps=d["total_steps"], warmup_steps=d["warmup_steps"],
                 effective_lr=d["effective_lr"], global_batch=d["global_batch"])

@@ -30,13 +30,31 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def local_weights(url: str) -> str:
+    """A local path for ``init.weights`` (s3:// files are downloaded once per process; folders → model.safetensors)."""
+    from ssfer_dist import storage
+
+    if not storage.is_s3(url):
+        return url
+    if not url.endswith(".safetensors"):
+        url = storage.join(url, "model.safetensors")
+    import hashlib
+    import tempfile
+
+    local = os.path.join(tempfile.gettempdir(), "ssfer-weights", hashlib.sha1(url.encode()).hexdigest()[:16] + ".safetensors")
+    if not os.path.exists(local):
+        storage.get_file(url, local + f".{os.getpid()}")
+        os.replace(local + f".{os.getpid()}", local)
+    return local
+
+
 def _build_classifier(cfg: Config, num_classes: int) -> nn.Module:
     from ssfer_dist.models.classifier import build_classifier
     from ssfer_dist.models.io import classifier_from_weights
 
     m = cfg.model
     if cfg.init.weights:
-        model, meta = classifier_from_weights(cfg.init.weights, num_classes=num_classes,
+        model, meta = classifier_from_weights(local_weights(cfg.init.weights), num_classes=num_classes,
                                               global_pool=m.global_pool, drop_path=m.drop_path)
         arch = meta["arch"]
         if arch["img_size"] != m.img_size or arch["patch_size"] != m.patch_size or arch["size"] != m.size:
@@ -63,7 +81,7 @@ def build_task(cfg: Config, plan: Dict[str, Any], device: torch.device) -> Tuple
         if cfg.init.weights:
             from ssfer_dist.models.io import load_weights
 
-            sd, meta = load_weights(cfg.init.weights)
+            sd, meta = load_weights(local_weights(cfg.init.weights))
             missing, unexpected = model.load_state_dict(sd, strict=False)
             if unexpected:
                 raise UserError(f"init.weights {cfg.init.weights}: unexpected keys {unexpected[:3]} for an MAE")
