@@ -16,6 +16,7 @@ fingerprint matches the new plan and the shard's size (and, for local shards, sh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -120,13 +121,18 @@ class SampleTarWriter:
         self.offset = 0
 
     def write(self, sample: Dict[str, Any]) -> int:
-        key = sample["__key__"]
-        total = 0
-        parts = []
+        """Write one sample dict (``__key__`` + extension -> bytes/str)."""
+        members = []
         for ext in sorted(k for k in sample if not k.startswith("_")):
             data = sample[ext]
-            if isinstance(data, str):
-                data = data.encode("utf-8")
+            members.append((ext, data.encode("utf-8") if isinstance(data, str) else data))
+        return self.write_members(sample["__key__"], members)
+
+    def write_members(self, key: str, members) -> int:
+        """Write one sample from ``[(ext, bytes), ...]`` already in extension order."""
+        total = 0
+        parts = []
+        for ext, data in members:
             n = len(data)
             parts.append(ustar_header(f"{key}.{ext}", n))
             parts.append(data)
@@ -171,14 +177,31 @@ class _Handles:
         self.files.clear()
 
 
+def _read_file(path: str, size_hint: int) -> bytes:
+    """Read a whole file with the fewest syscalls (open, one read of the expected size, close)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        want = size_hint + 1 if size_hint > 0 else 1 << 16
+        data = os.read(fd, want)
+        if len(data) < want:
+            return data
+        chunks = [data]
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                return b"".join(chunks)
+            chunks.append(b)
+    finally:
+        os.close(fd)
+
+
 def load_record(rec: FaceRecord, handles: Optional[_Handles] = None) -> Tuple[Any, Dict[str, Any]]:
     """The raw image of ``rec`` (bytes or a PIL image) plus metadata learnt while loading
     (insightface records carry their identity label). Raises ``SkipSample``."""
     kind = rec.load[0]
     if kind == "file":
         try:
-            with open(rec.load[1], "rb") as f:
-                return f.read(), {}
+            return _read_file(rec.load[1], rec.size_hint), {}
         except FileNotFoundError:
             raise SkipSample("missing_image", rec.load[1]) from None
         except OSError as e:
@@ -206,11 +229,16 @@ def load_record(rec: FaceRecord, handles: Optional[_Handles] = None) -> Tuple[An
 # ---------------------------------------------------------------------------------------------- writing
 _jstr = json.encoder.encode_basestring_ascii  # what json.dumps uses for str with ensure_ascii=True
 
+@functools.lru_cache(maxsize=1024)
+def _box_str(box) -> str:
+    return "[" + ", ".join(repr(round(float(v), 3)) for v in box) + "]"
+
+
 def meta_json(*, source, source_id, box, orig_size, box_source, identity, label_orig, cls) -> bytes:
-    """The sample's ``json`` member: byte-identical to ``SampleMeta(...).to_json()`` (tested), built
+    """The sample's ``json`` member: byte-identical to ``SampleMeta(...).to_json()`` (tested; -0.0 is
+    written as 0.0), built
     by a template instead of ``dataclasses.asdict`` + ``json.dumps`` (a third of the pass-through time)."""
-    x1, y1, x2, y2 = (repr(round(float(v), 3)) for v in box)
-    return (f'{{"box": [{x1}, {y1}, {x2}, {y2}], "box_source": {_jstr(box_source)}, "cls": {int(cls)}, '
+    return (f'{{"box": {_box_str(tuple(float(v) + 0.0 for v in box))}, "box_source": {_jstr(box_source)}, "cls": {int(cls)}, '
             f'"identity": {"null" if identity is None else _jstr(identity)}, '
             f'"label_orig": {"null" if label_orig is None else json.dumps(label_orig, sort_keys=True)}, '
             f'"orig_size": [{int(orig_size[0])}, {int(orig_size[1])}], "source": {_jstr(source)}, '
@@ -285,10 +313,11 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
                 js = meta_json(source=rec.source, source_id=rec.source_id, box=out.box, orig_size=out.orig_size,
                                box_source=out.box_source, identity=extra.get("identity", rec.identity),
                                label_orig=extra.get("label_orig", rec.label_orig), cls=rec.cls)
-                sample = {"__key__": rec.key, EXT_IMAGE: out.jpeg, EXT_META: js}
-                if rec.cls != UNLABELED:
-                    sample[EXT_CLASS] = encode_cls(rec.cls)
-                writer.write(sample)
+                if rec.cls != UNLABELED:  # members in extension order: cls, jpg, json
+                    writer.write_members(rec.key, ((EXT_CLASS, encode_cls(rec.cls)), (EXT_IMAGE, out.jpeg),
+                                                   (EXT_META, js)))
+                else:
+                    writer.write_members(rec.key, ((EXT_IMAGE, out.jpeg), (EXT_META, js)))
                 keys.append(rec.key)
                 classes.append(rec.cls)
                 counts["box_" + out.box_source] += 1
@@ -305,8 +334,27 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
         if os.path.exists(tmp):
             os.unlink(tmp)
     result = {"shard": _info_dict(info), "skipped": skipped, "counts": dict(counts), "fingerprint": plan.fingerprint}
-    storage.put_bytes(sidecar_url(cfg.output, plan.name), json.dumps(result, sort_keys=True).encode())
+    _put_sidecar(sidecar_url(cfg.output, plan.name), json.dumps(result, sort_keys=True).encode())
     return result
+
+
+def _put_sidecar(url: str, data: bytes) -> None:
+    """Atomic write of a sidecar. Local: temp + rename without fsync (a sidecar lost in a crash only
+    means its shard is rebuilt: ``check_done`` re-checks name, size and sha256)."""
+    if storage.is_s3(url):
+        storage.put_bytes(url, data)
+        return
+    d = os.path.dirname(url)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, url)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _where(rec: FaceRecord) -> str:
