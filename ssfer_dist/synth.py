@@ -73,9 +73,9 @@ class SynthConfig:
     """Difficulty knobs. ``intensity`` is drawn uniformly in [min_intensity, max_intensity]; ``jitter``
     is the std of per-feature noise added to every face (in the prototype's units)."""
 
-    min_intensity: float = 0.6
+    min_intensity: float = 0.8
     max_intensity: float = 1.0
-    jitter: float = 0.25
+    jitter: float = 0.15
     max_rotation_deg: float = 10.0
     clutter: int = 6
     noise_std: float = 6.0
