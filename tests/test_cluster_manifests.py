@@ -43,9 +43,12 @@ SECRETISH = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|KEY_ID|CREDENT
 _SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
 
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)     # the CRDs are 1-2 MB of YAML
+
+
 def _load_docs(path):
     with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+        return [d for d in yaml.load_all(f, Loader=_Loader) if d]
 
 
 def _pointer(path):
