@@ -24,7 +24,12 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "cluster")
-CRD_DIR = os.path.normpath(os.environ.get("SSFER_KUBERAY_CRDS", os.path.join(ROOT, "..", "shared", "schemas", "kuberay")))
+# KubeRay's published CRDs (1.7.0): $SSFER_KUBERAY_CRDS, else ../shared/schemas/kuberay beside the checkout,
+# else the team's shared folder (CI clones elsewhere on the same machine).
+_CRD_CANDIDATES = [os.environ.get("SSFER_KUBERAY_CRDS", ""), os.path.join(ROOT, "..", "shared", "schemas", "kuberay"),
+                   "/work/shared/schemas/kuberay"]
+CRD_DIR = next((os.path.normpath(p) for p in _CRD_CANDIDATES
+                if p and os.path.exists(os.path.join(p, "ray.io_rayjobs.yaml"))), os.path.normpath(_CRD_CANDIDATES[1]))
 K8S_VERSION = "1.32"
 SECRET_NAME = "ssfer-s3"
 CONFIGMAP_NAME = "ssfer-storage"
