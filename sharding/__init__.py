@@ -1,0 +1,1 @@
+"""ssfer-shard: every dataset format -> verified WebDataset face shards + manifest.parquet (see cli.py)."""

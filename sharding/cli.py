@@ -141,7 +141,7 @@ def _add_inspect(sub) -> None:
 
 
 def _cmd_inspect(a) -> int:
-    from sharding.inspect import inspect_shards
+    from sharding.inspection import inspect_shards
 
     print(inspect_shards(a.url, sheet=a.sheet, num=a.num))
     return 0
