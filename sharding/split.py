@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Set
 
 from sharding.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
 from sharding.verify import iter_tar_samples
-from sharding.writer import open_tar_writer, publish, sha256_file, tmp_path_for
+from sharding.writer import open_tar_writer, publish, tmp_path_for
 from ssfer_dist import storage
 from ssfer_dist.data.schema import EXT_CLASS, decode_cls
 from ssfer_dist.errors import UserError
@@ -78,8 +78,8 @@ class _RollingWriter:
         name = f"{self.name}-{len(self.shards):06d}.tar"
         url = storage.join(self.folder, name)
         try:
-            info = ShardInfo(name=name, url=url, num_samples=len(self._keys), num_bytes=os.path.getsize(self._tmp),
-                             sha256=sha256_file(self._tmp), class_hist=class_hist_of(self._classes, self.num_classes),
+            info = ShardInfo(name=name, url=url, num_samples=len(self._keys), num_bytes=self._w.offset,
+                             sha256=self._w.sha256.hexdigest(), class_hist=class_hist_of(self._classes, self.num_classes),
                              keys=self._keys, classes=self._classes)
             publish(self._tmp, url)
         finally:

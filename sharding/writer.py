@@ -119,6 +119,11 @@ class SampleTarWriter:
     def __init__(self, fileobj):
         self.f = fileobj
         self.offset = 0
+        self.sha256 = hashlib.sha256()  # of everything written, so the tar need not be re-read
+
+    def _out(self, data: bytes) -> None:
+        self.f.write(data)
+        self.sha256.update(data)
 
     def write(self, sample: Dict[str, Any]) -> int:
         """Write one sample dict (``__key__`` + extension -> bytes/str)."""
@@ -141,16 +146,16 @@ class SampleTarWriter:
                 parts.append(_ZEROS[:pad])
             self.offset += _BLOCK + n + pad
             total += n
-        self.f.write(b"".join(parts))
+        self._out(b"".join(parts))
         return total
 
     def close(self) -> None:
-        self.f.write(b"\0" * (2 * _BLOCK))
-        self.offset += 2 * _BLOCK
-        rem = self.offset % _RECORD
+        tail = 2 * _BLOCK
+        rem = (self.offset + tail) % _RECORD
         if rem:
-            self.f.write(b"\0" * (_RECORD - rem))
-            self.offset += _RECORD - rem
+            tail += _RECORD - rem
+        self._out(bytes(tail))
+        self.offset += tail
 
 
 def open_tar_writer(fileobj) -> SampleTarWriter:
@@ -325,8 +330,8 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
             writer.close()
         if progress is not None and pending:
             progress(pending)
-        info = ShardInfo(name=plan.name, url=url, num_samples=len(keys), num_bytes=os.path.getsize(tmp),
-                         sha256=sha256_file(tmp), class_hist=class_hist_of(classes, cfg.num_classes),
+        info = ShardInfo(name=plan.name, url=url, num_samples=len(keys), num_bytes=writer.offset,
+                         sha256=writer.sha256.hexdigest(), class_hist=class_hist_of(classes, cfg.num_classes),
                          keys=keys, classes=classes)
         publish(tmp, url)
     finally:
