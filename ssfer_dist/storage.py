@@ -192,6 +192,12 @@ def _ensure_bucket(bucket: str, url: str) -> None:
         raise _s3_error(url, e) from e
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_local(path: str) -> Iterator[IO[bytes]]:
     """Write a local file under a temporary name in the same folder, then ``os.replace`` it into place:
@@ -204,6 +210,7 @@ def _atomic_local(path: str) -> Iterator[IO[bytes]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; published files get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -64,3 +64,12 @@ def test_webdataset_s3_opener(s3_bucket):
     storage.register_webdataset_s3()
     got = [s["txt"] for s in wds.WebDataset(s3_bucket + "/t.tar", shardshuffle=False)]
     assert got == [b"0", b"1", b"2"]
+
+
+def test_local_files_get_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        storage.put_bytes(str(tmp_path / "m.bin"), b"1")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "m.bin").st_mode & 0o777) == 0o644
