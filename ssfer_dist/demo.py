@@ -60,11 +60,12 @@ class DemoPlan:
 
 
 def demo_plan(quick: bool) -> DemoPlan:
+    """Quick: ~1/2 of the full steps and data (tests); full: the README's numbers."""
     if quick:
-        return DemoPlan(train_per_class=200, test_per_class=40, fr_identities=60, fr_per_identity=20,
-                        label_fraction=0.2, mae_steps=300, finetune_steps=300, semisup_steps=300)
-    return DemoPlan(train_per_class=400, test_per_class=100, fr_identities=150, fr_per_identity=20,
-                    label_fraction=0.1, mae_steps=800, finetune_steps=500, semisup_steps=600)
+        return DemoPlan(train_per_class=300, test_per_class=40, fr_identities=100, fr_per_identity=20,
+                        label_fraction=1 / 6, mae_steps=600, finetune_steps=500, semisup_steps=400)
+    return DemoPlan(train_per_class=500, test_per_class=100, fr_identities=150, fr_per_identity=20,
+                    label_fraction=0.1, mae_steps=1200, finetune_steps=800, semisup_steps=600)
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -3,7 +3,7 @@
 
 Crop: a square centred on the detected box, side = ``(1 + margin)`` × the box's longer side (the same
 quantity as ``ssfer-shard build --box-scale``), resized to the model's input size, normalised with the
-mean/std stored in the weights. ``--detector none`` treats the whole image as one face (for aligned crops).
+mean/std stored in the weights. ``--detector none`` classifies the whole image as one face, uncropped (for aligned crops).
 
 Outputs: a table on stdout, or ``--json`` lines ``{"image", "face", "box", "label", "score",
 "probabilities"}``; ``--annotate DIR`` writes ``DIR/<image stem>.png`` with boxes and labels drawn.
@@ -95,7 +95,10 @@ class Predictor:
         boxes = self.boxes(rgb)
         if not boxes:
             return []
-        probs = self.classify([crop_square(img, b, self.margin) for b in boxes])
+        if self.detector_kind == "none":  # aligned crops: the whole image is the face, as in the shards
+            probs = self.classify([img])
+        else:
+            probs = self.classify([crop_square(img, b, self.margin) for b in boxes])
         return [(tuple(float(v) for v in b[:4]), p) for b, p in zip(boxes, probs)]
 
 
