@@ -26,6 +26,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _storage_ptrs(tensors):
+    out = {}
+    for t in tensors:
+        try:
+            st = t.untyped_storage()
+        except Exception:
+            continue
+        if st.data_ptr():
+            out[st.data_ptr()] = st.nbytes()
+    return out
+
+
+def _breakdown(engine):
+    """Bytes of parameter storages and of AdamW state storages (the rest is grads, masters, buckets)."""
+    ps = []
+    for p in engine.module.parameters():
+        ps.append(p.data)
+        if hasattr(p, "ds_tensor"):
+            ps.append(p.ds_tensor)
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    states = [v for st in base.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return sum(_storage_ptrs(ps).values()), sum(_storage_ptrs(states).values())
+
+
 def _live_tensor_bytes(exclude) -> int:
     seen = set()
     total = 0
@@ -82,8 +107,10 @@ def _worker(rank: int, world: int, port: int, stage: int, size: str, img_size: i
         if it == 1:
             gc.collect()
             measured = _live_tensor_bytes([x])
+            p_bytes, s_bytes = _breakdown(engine)
         engine.step()
-    out_q.put({"stage": stage, "rank": rank, "bytes": measured, "params": n_params, "trainable": n_trainable})
+    out_q.put({"stage": stage, "rank": rank, "bytes": measured, "params": n_params, "trainable": n_trainable,
+               "param_bytes": p_bytes, "state_bytes": s_bytes})
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -123,16 +150,21 @@ def main(argv=None) -> int:
         res = measure(stage, a.size, a.img_size, a.batch, a.precision)
         per_rank = max(r["bytes"] for r in res)
         rows.append({"zero_stage": stage, "bytes_per_rank": per_rank, "params": res[0]["params"],
+                     "param_bytes": res[0]["param_bytes"], "state_bytes": res[0]["state_bytes"],
                      "trainable": res[0]["trainable"], "ranks": [r["bytes"] for r in res]})
         ranks = ", ".join("%.1f" % (r["bytes"] / 2 ** 20) for r in res)
         print(f"ZeRO-{stage}: {per_rank / 2**20:9.1f} MiB per rank (ranks: {ranks})", flush=True)
+        sys.stdout.flush()
     base = rows[0]["bytes_per_rank"]
     print(f"\nViT-{a.size} MAE, {rows[0]['params'] / 1e6:.1f} M params ({rows[0]['trainable'] / 1e6:.1f} M trainable), "
           f"2 ranks, {a.precision} AdamW, ZeRO buckets {TrainCfgDefault.zero_bucket_size:.0e} elements")
-    print("stage  MiB/rank  ratio-to-ZeRO-0")
+    print("stage  MiB/rank  ratio-to-ZeRO-0   params  adam-states  grads+masters+buckets (MiB)")
+    mib = 2 ** 20
     for r in rows:
         r["ratio"] = r["bytes_per_rank"] / base
-        print(f"{r['zero_stage']:>5}  {r['bytes_per_rank'] / 2**20:8.1f}  {r['ratio']:.3f}")
+        rest = r["bytes_per_rank"] - r["param_bytes"] - r["state_bytes"]
+        print(f"{r['zero_stage']:>5}  {r['bytes_per_rank'] / mib:8.1f}  {r['ratio']:15.3f}   {r['param_bytes'] / mib:6.1f}"
+              f"  {r['state_bytes'] / mib:11.1f}  {rest / mib:8.1f}")
     z3 = rows[3]["ratio"]
     print(f"\nZeRO-3 / ZeRO-0 = {z3:.3f}  (target <= 0.6: {'met' if z3 <= 0.6 else 'NOT met'})")
     if a.json:

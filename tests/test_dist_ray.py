@@ -93,6 +93,29 @@ def test_mae_zero3_survives_a_killed_worker(ray_local, shards, tmp_path):
     assert os.path.exists(res.export_path)
 
 
+def test_rerun_with_same_name_resumes(ray_local, shards, tmp_path):
+    from ssfer_dist.dist.launch import run_stage
+
+    marker = tmp_path / "fault.marker"
+    ov = ["train.zero_stage=2", "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=8",
+          "failure.max_failures=0", "debug.fail_at_step=10", "debug.fail_rank=0", f"debug.fail_marker={marker}",
+          "train.preview_every=0"]
+    cfg = _cfg("mae-rerun", shards, str(tmp_path / "runs"), ov)
+    with pytest.raises(RuntimeError, match="run mae-rerun failed"):
+        run_stage(cfg)
+    assert marker.exists()
+    run_dir = tmp_path / "runs" / "mae-rerun"
+    assert not (run_dir / "export").exists()
+    res = run_stage(cfg)                                          # same name: picks up checkpoint 8
+    rec = _metrics(res.run_url)
+    assert [r["step"] for r in rec] == list(range(1, 17))
+    redone = {r["step"]: r for r in _metrics(res.run_url, "metrics_redone.jsonl")}
+    assert sorted(redone) == [9, 10]
+    for s, r in redone.items():
+        assert {x["step"]: x for x in rec}[s]["batch_digest"] == r["batch_digest"]
+    assert os.path.exists(res.export_path)
+
+
 def test_three_debug_stages_chain_through_exports(ray_local, shards, tmp_path):
     from ssfer_dist.dist.launch import run_pipeline
     from ssfer_dist.models.io import classifier_from_weights, load_weights

@@ -58,6 +58,27 @@ def save_and_report(engine, task, state: TrainState, metrics: Dict[str, Any], ra
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _ds_safe_globals():
+    """The few DeepSpeed classes its checkpoints pickle besides tensors and builtins."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_loads(engine) -> None:
+    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)`` (allow-listing only
+    the DeepSpeed classes above) instead of its default full unpickling."""
+    ce = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(_ds_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load
+
+
 def restore(checkpoint, engine, task) -> Optional[TrainState]:
     """Load a reported checkpoint into the engine and task; returns its TrainState (None: fresh run)."""
     if checkpoint is None:
@@ -70,6 +91,7 @@ def restore(checkpoint, engine, task) -> Optional[TrainState]:
             raise RuntimeError(f"checkpoint {checkpoint.path} lacks {STATE_FILE}")
         with open(state_path, "r", encoding="utf-8") as f:
             state = TrainState.from_json(f.read())
+        weights_only_loads(engine)
         path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
         if path is None:
