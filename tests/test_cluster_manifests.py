@@ -494,6 +494,10 @@ def _check_fits(where, job, cfg):
     if not cfg.scaling.use_gpu:
         return
     assert gpu_groups, f"{where}: scaling.use_gpu but the cluster has no GPU worker group"
+    # The driver (on the GPU-less head) forwards its DS_ACCELERATOR to the Train workers; unset, it
+    # would pick "cpu" there.
+    head_env = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])
+    assert {"name": "DS_ACCELERATOR", "value": "cuda"} in head_env, f"{where}: head needs DS_ACCELERATOR=cuda"
     per_worker = cfg.scaling.gpus_per_worker or 1.0
     capacity = sum(g["maxReplicas"] * _gpus(g["template"]["spec"]["containers"][0]) for g in gpu_groups)
     need = cfg.scaling.num_workers * per_worker
