@@ -126,20 +126,13 @@ def dry_run_text(cfg: Config, source: str) -> str:
 # ------------------------------------------------------------------------------------------------ ray
 
 
-def _worker_env() -> Dict[str, str]:
+def _worker_env(use_gpu: bool = False) -> Dict[str, str]:
+    """Environment for the workers. ``DS_ACCELERATOR`` follows ``scaling.use_gpu`` (not the driver's own
+    hardware: a CPU-only head may drive GPU workers); the worker re-checks against its own devices."""
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
-    env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    env.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ssfer-torch-extensions"))
     return env
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        return False
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -149,7 +142,7 @@ def ensure_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": _worker_env()}
+    env = {"env_vars": _worker_env(cfg.scaling.use_gpu)}
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=env, log_to_driver=True)
@@ -202,7 +195,7 @@ def run_stage(cfg: Config, plan: Optional[Dict[str, Any]] = None) -> RunResult:
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         **_storage_args(_abs_storage(cfg.run.storage)),
     )
-    payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env()}
+    payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env(sc.use_gpu)}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"))

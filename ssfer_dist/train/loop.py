@@ -105,6 +105,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     plan = payload["plan"]
     for k, v in payload.get("env", {}).items():
         os.environ.setdefault(k, v)
+    # DeepSpeed's accelerator must match this worker's devices (read before deepspeed is imported)
+    os.environ["DS_ACCELERATOR"] = "cuda" if (cfg.scaling.use_gpu and torch.cuda.is_available()) else "cpu"
     if plan.get("register_s3"):
         storage.register_webdataset_s3()
     ctx = ray.train.get_context()
