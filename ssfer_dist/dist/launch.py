@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ssfer_dist import storage
-from ssfer_dist.config import Config, derived, load_config, load_pipeline, to_dict, total_steps
+from ssfer_dist.config import Config, absolute_paths, derived, load_config, load_pipeline, to_dict
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def _check_shards(manifest, key: str) -> List[str]:
 
 def preflight(cfg: Config, check_storage: bool = True) -> Dict[str, Any]:
     """Validate everything a run needs before a worker starts; returns the run plan (derived values)."""
+    cfg = absolute_paths(cfg)
     labeled = _read_manifest(cfg.data.shards, "data.shards")
     urls = _check_shards(labeled, "data.shards")
     plan: Dict[str, Any] = {"shard_urls": urls, "num_samples": labeled.num_samples, "image_size": labeled.image_size}
@@ -180,6 +181,7 @@ def run_stage(cfg: Config, plan: Optional[Dict[str, Any]] = None) -> RunResult:
 
     from ssfer_dist.train.loop import train_loop_per_worker
 
+    cfg = absolute_paths(cfg)          # configs built in code (from_dict) may hold relative paths
     if plan is None:
         plan = preflight(cfg)
     ensure_ray(cfg)
