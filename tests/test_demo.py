@@ -15,6 +15,7 @@ from ssfer_dist.demo import ROWS
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 8 Ray Train runs; ~11 min measured on a loaded 2-core machine
 def test_demo_quick_two_seeds(tmp_path, ray_local, capsys):
     out = tmp_path / "demo"
     for seed in (0, 1):
