@@ -88,24 +88,37 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.add_image(tag, chw, step)
 
-    def sync(self) -> None:
-        """Flush; upload to S3 when the run folder is remote."""
+    def sync(self, final: bool = False) -> None:
+        """Flush; upload to S3 when the run folder is remote.
+
+        Files are uploaded from an in-memory snapshot (TensorBoard appends from a background thread, and a
+        file that grows during a multipart upload fails the server's checksum). A failed upload mid-run
+        is logged and retried at the next sync; only the final sync raises.
+        """
         self._fh.flush()
         if self._tb is not None:
             self._tb.flush()
         if not self.remote:
             return
-        storage.put_file(self.jsonl_path, storage.join(self.run_url, "metrics.jsonl"))
+        files = [(self.jsonl_path, "metrics.jsonl")]
         redone = os.path.join(self.local_dir, "metrics_redone.jsonl")
         if os.path.exists(redone):
-            storage.put_file(redone, storage.join(self.run_url, "metrics_redone.jsonl"))
+            files.append((redone, "metrics_redone.jsonl"))
         tb_dir = os.path.join(self.local_dir, "tb")
         if os.path.isdir(tb_dir):
-            for name in os.listdir(tb_dir):
-                storage.put_file(os.path.join(tb_dir, name), storage.join(self.run_url, "tb", name))
+            files += [(os.path.join(tb_dir, n), f"tb/{n}") for n in sorted(os.listdir(tb_dir))]
+        for path, name in files:
+            with open(path, "rb") as f:
+                snapshot = f.read()
+            try:
+                storage.put_bytes(storage.join(self.run_url, name), snapshot)
+            except storage.StorageError as e:
+                if final:
+                    raise
+                log.warning("metrics upload failed (retried at the next checkpoint): %s", e)
 
     def close(self) -> None:
-        self.sync()
+        self.sync(final=True)
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
