@@ -4,7 +4,7 @@
 1. ``ssfer_dist.synth`` draws a labeled FER set in RAF-DB's layout (face-filling aligned crops, train/test)
    and a larger unlabeled face set in VGGFace2's folder-per-identity layout (faces in cluttered frames,
    exact boxes in ``loose_bb_train.csv``).
-2. H1's shard builder (``sharding.build.run_build`` — what ``ssfer-shard build`` runs) shards both;
+2. The shard builder (``sharding.build.run_build`` — what ``ssfer-shard build`` runs) shards both;
    ``sharding.split.split_shards`` (``ssfer-shard split``) keeps a small labeled fraction per class and
    turns the rest of the FER train set into the unlabeled remainder.
 3. Four training runs through ``ssfer_dist.dist.launch.run_stage`` (what ``ssfer run`` runs: Ray Train

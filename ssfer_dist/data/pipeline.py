@@ -47,7 +47,7 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class View:
-    """One augmented view of a sample: ``name`` in the batch, transform ``kind`` (H2's build_transform)."""
+    """One augmented view of a sample: ``name`` in the batch, transform ``kind`` (``data.transforms.build_transform``)."""
 
     name: str
     kind: str

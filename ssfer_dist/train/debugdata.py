@@ -1,6 +1,6 @@
 """Tiny shard folders for the debug configs and tests (real faces from scikit-image, class-coded tints).
 
-``write_debug_shards(root)`` writes, following ``ssfer_dist.data.schema`` and H1's manifest format:
+``write_debug_shards(root)`` writes, following ``ssfer_dist.data.schema`` and ``sharding.manifest``:
 
 - ``root/fr``              unlabeled "face recognition" shards (MAE pretraining, unlabeled stream);
 - ``root/fer/labeled``     labeled FER shards (7 classes);

@@ -1,4 +1,4 @@
-"""Stage wiring: config sub-sections → H2's models and tasks, data views, export metadata.
+"""Stage wiring: config sub-sections → models and tasks, data views, export metadata.
 
 Each builder takes the sub-configs it needs plus runtime values (the launch plan, device); the step
 loop itself stays stage-agnostic.
