@@ -75,3 +75,23 @@ def test_uint8_then_device_normalisation_matches_float():
     torch.testing.assert_close(batch[1], f)
     expect = (np.asarray(img, np.float32)[0, 0] / 255 - np.array(FACE_MEAN)) / np.array(FACE_STD)
     np.testing.assert_allclose(f[:, 0, 0].numpy(), expect, rtol=1e-5)
+
+
+def test_strong_transform_survives_the_largest_magnitude(monkeypatch):
+    """RandAugment's magnitude noise reaches the clamp; every op must still work there (posterize used
+    to ask Pillow for 0 bits and raise, silently dropping ~0.3 % of the samples as 'corrupt')."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from ssfer_dist.data.transforms import build_transform
+
+    tf = build_transform("strong", 32)
+    ops = tf.randaug.ops
+    monkeypatch.setattr(random, "gauss", lambda mu, sigma: 1e6)  # magnitude noise far past the clamp
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 32, 3), dtype=np.uint8))
+    for op in ops:
+        op.prob = 1.0
+        out = op(img)
+        assert out.size == img.size, op.name

@@ -96,8 +96,11 @@ class FaceTransform:
         if kind == "strong":
             from timm.data.auto_augment import rand_augment_transform
 
+            # magnitude_max just under 10: at the clamp (M 9 + noise reaches 10 in ~2 % of draws) timm's
+            # increasing posterize asks for 0 bits, which Pillow >= 10 rejects (the sample would be dropped).
             hp = {"translate_const": int(img_size * 0.45),
-                  "img_mean": tuple(int(round(255 * m)) for m in FACE_MEAN)}
+                  "img_mean": tuple(int(round(255 * m)) for m in FACE_MEAN),
+                  "magnitude_max": 9.99}
             self.randaug = rand_augment_transform(randaug, hp)
 
     def __call__(self, img: Image.Image, box: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, np.ndarray]:
