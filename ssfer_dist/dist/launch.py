@@ -154,7 +154,9 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     need = max(1, int(round(cfg.scaling.num_workers * max(cfg.scaling.cpus_per_worker, 1.0))))
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls (without it every
+    # stage logs a warning per second) and lets the user watch the run.
+    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, runtime_env=env,
              object_store_memory=256 * 1024 * 1024, log_to_driver=True)
 
 
