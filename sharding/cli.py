@@ -6,11 +6,10 @@ stderr and exit code 2; ``verify`` exits 1 when it finds problems.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import List, Optional
 
-from ssfer_dist.errors import UserError
+from ssfer_dist.errors import UserError, run_command
 
 __all__ = ["main", "build_parser"]
 
@@ -178,16 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``ssfer-shard`` / ``python -m sharding``."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args) or 0)
-    except UserError as e:
-        print(f"ssfer-shard {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("ssfer-shard", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ Each handler returns a process exit code. Errors meant for the user are raised a
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import List, Optional
 
 
-from ssfer_dist.errors import UserError
+from ssfer_dist.errors import UserError, run_command
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -120,16 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args) or 0)
-    except UserError as e:
-        print(f"ssfer {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("ssfer", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
