@@ -18,7 +18,10 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import sys
+import threading
 import time
+import warnings
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional
 
@@ -27,7 +30,7 @@ import numpy as np
 from sharding import manifest as mf
 from sharding.process import ProcessOptions
 from sharding.sources import list_source
-from sharding.sources.base import FaceRecord, RecordSlice, Skipped
+from sharding.sources.base import CompactRecords, FaceRecord, Skipped
 from sharding.writer import STATE_DIR, ShardPlan, WriterConfig, build_shard, check_done, info_from_dict
 from ssfer_dist import storage
 from ssfer_dist.data.schema import REPORT_NAME
@@ -77,9 +80,9 @@ def _dedupe(records: List[FaceRecord], skipped: List[Skipped]) -> List[FaceRecor
     return out
 
 
-def _plan_slice(records: RecordSlice, name: str, samples_per_shard: int, max_shard_bytes: int, seed: int,
+def _plan_slice(records: CompactRecords, name: str, samples_per_shard: int, max_shard_bytes: int, seed: int,
                 options_fp: str) -> List[ShardPlan]:
-    """``plan_shards`` for a compact :class:`RecordSlice` (numpy permutation, no per-record objects)."""
+    """``plan_shards`` for :class:`CompactRecords` (numpy permutation, no per-record objects)."""
     perm = np.random.RandomState(seed).permutation(len(records))
     est = records.sizes[perm] + TAR_OVERHEAD
     bounds = [0]
@@ -106,7 +109,7 @@ def _plan_slice(records: RecordSlice, name: str, samples_per_shard: int, max_sha
 def plan_shards(records, name: str, samples_per_shard: int, max_shard_bytes: int, seed: int,
                 options_fp: str) -> List[ShardPlan]:
     """Shuffle (seeded) and cut ``records`` (already sorted and unique by key) into shard plans."""
-    if isinstance(records, RecordSlice):
+    if isinstance(records, CompactRecords):
         return _plan_slice(records, name, samples_per_shard, max_shard_bytes, seed, options_fp)
     order = list(records)
     random.Random(seed).shuffle(order)
@@ -153,14 +156,36 @@ def _run_inprocess(plans, wcfg, bar, on_result):
         on_result(build_shard(p, wcfg, bar.update if bar else None))
 
 
+def _pool_context():
+    """``fork`` on Linux when no other Python thread runs; else ``spawn``.
+
+    A forked worker is ready in milliseconds where a spawned one re-imports for ~0.1 s, which on a
+    small build costs more than the second worker gains. The pool starts before listing, while the
+    process is small. Python threads can hold locks a forked child would inherit (logging, boto3's
+    pools), so any running one means ``spawn``. Native thread pools (OpenBLAS starts one when numpy
+    is imported, OpenMP) are not counted: they re-initialise at fork and the workers do no BLAS or
+    torch work. Python 3.12+ warns about forking a process with native threads; that warning is
+    silenced here for that reason.
+    """
+    if sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and threading.active_count() == 1:
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
 class _WorkerPool:
-    """``--workers N`` spawn-context processes, started before listing so their start-up overlaps it.
-    Each task builds one whole shard; a shared counter feeds the progress bar."""
+    """``--workers N`` processes, started before listing (while the process is still small and
+    single-threaded). Each task builds one whole shard; a shared counter feeds the progress bar."""
 
     def __init__(self, workers: int):
-        ctx = mp.get_context("spawn")
+        ctx = _pool_context()
         self.counter = ctx.Value("q", 0)
-        self.pool = ctx.Pool(workers, initializer=_pool_init, initargs=(self.counter,))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            self.pool = ctx.Pool(workers, initializer=_pool_init, initargs=(self.counter,))
+
+    def map(self, fn, items):
+        """An ordered parallel ``map`` over the pool (the listing uses it)."""
+        return self.pool.map(fn, items, chunksize=1)
 
     def run(self, plans, wcfg, bar, on_result) -> None:
         shown = 0
@@ -243,10 +268,10 @@ def _clean_stale_temps(output: str) -> None:
 def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
     """List, plan, resume-check and build the shards of ``cfg`` (see ``run_build``)."""
     listing = list_source(cfg.format, cfg.input, split=cfg.split, name=cfg.name, num_classes=cfg.num_classes,
-                          boxes=cfg.boxes)
+                          boxes=cfg.boxes, map_fn=pool.map if pool is not None else None)
     name = cfg.name or listing.dataset
     skipped_listing = list(listing.skipped)
-    records = listing.records if isinstance(listing.records, RecordSlice) else _dedupe(listing.records, skipped_listing)
+    records = listing.records if isinstance(listing.records, CompactRecords) else _dedupe(listing.records, skipped_listing)
     if not len(records):
         raise UserError(f"{cfg.input}: no usable samples for --split {cfg.split} "
                         f"({len(skipped_listing)} skipped while listing)")

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import tempfile
-from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 from sharding.manifest import ShardInfo, class_hist_of
@@ -86,6 +85,12 @@ _HDR_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + TAR_USER.encode().ljust(32, b
 
 
 _HDR_CONST_SUM = sum(_HDR_MID) + sum(_HDR_MTIME) + sum(b"        ") + sum(_HDR_TAIL)
+_PREFIX_NONE = bytes(167)
+
+
+@functools.lru_cache(maxsize=64)
+def _ext_sum(ext: str) -> int:
+    return sum(ext.encode("utf-8"))
 
 
 def ustar_header(name: str, size: int) -> bytes:
@@ -116,14 +121,24 @@ class SampleTarWriter:
     ``tarfile`` in the tests.
     """
 
+    FLUSH_BYTES = 1 << 20
+
     def __init__(self, fileobj):
         self.f = fileobj
         self.offset = 0
         self.sha256 = hashlib.sha256()  # of everything written, so the tar need not be re-read
+        self._parts: List[bytes] = []  # members not yet written: one write + one hash update per MiB
+        self._pending = 0
 
     def _out(self, data: bytes) -> None:
         self.f.write(data)
         self.sha256.update(data)
+
+    def flush(self) -> None:
+        if self._parts:
+            self._out(b"".join(self._parts))
+            self._parts.clear()
+            self._pending = 0
 
     def write(self, sample: Dict[str, Any]) -> int:
         """Write one sample dict (``__key__`` + extension -> bytes/str)."""
@@ -136,17 +151,30 @@ class SampleTarWriter:
     def write_members(self, key: str, members) -> int:
         """Write one sample from ``[(ext, bytes), ...]`` already in extension order."""
         total = 0
-        parts = []
+        parts = self._parts
+        start = self.offset
+        kb = key.encode("utf-8")
+        ksum = -1
         for ext, data in members:
             n = len(data)
-            parts.append(ustar_header(f"{key}.{ext}", n))
+            if len(kb) + len(ext) < 100:  # the name fits the name field: the header's sums share the key's
+                if ksum < 0:
+                    ksum = sum(kb) + _HDR_CONST_SUM + 46  # + "."
+                size_field = b"%011o\0" % n
+                parts.append(b"".join((kb, b".", ext.encode(), bytes(99 - len(kb) - len(ext)), _HDR_MID, size_field,
+                                       _HDR_MTIME, b"%06o\0 " % (ksum + _ext_sum(ext) + sum(size_field)), _HDR_TAIL,
+                                       _PREFIX_NONE)))
+            else:
+                parts.append(ustar_header(f"{key}.{ext}", n))
             parts.append(data)
             pad = (-n) % _BLOCK
             if pad:
                 parts.append(_ZEROS[:pad])
             self.offset += _BLOCK + n + pad
             total += n
-        self._out(b"".join(parts))
+        self._pending += self.offset - start
+        if self._pending >= self.FLUSH_BYTES:
+            self.flush()
         return total
 
     def close(self) -> None:
@@ -154,8 +182,9 @@ class SampleTarWriter:
         rem = (self.offset + tail) % _RECORD
         if rem:
             tail += _RECORD - rem
-        self._out(bytes(tail))
+        self._parts.append(bytes(tail))
         self.offset += tail
+        self.flush()
 
 
 def open_tar_writer(fileobj) -> SampleTarWriter:
@@ -234,20 +263,23 @@ def load_record(rec: FaceRecord, handles: Optional[_Handles] = None) -> Tuple[An
 # ---------------------------------------------------------------------------------------------- writing
 _jstr = json.encoder.encode_basestring_ascii  # what json.dumps uses for str with ensure_ascii=True
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=4096)
 def _box_str(box) -> str:
-    return "[" + ", ".join(repr(round(float(v), 3)) for v in box) + "]"
+    # keyed on the box as given: equal boxes (0 / 0.0 / -0.0) give the same text, so caching is exact
+    return "[" + ", ".join(repr(round(float(v) + 0.0, 3)) for v in box) + "]"
+
+
+_META_FMT = ('{"box": %s, "box_source": %s, "cls": %d, "identity": %s, "label_orig": %s, "orig_size": [%d, %d], '
+             '"source": %s, "source_id": %s}')
 
 
 def meta_json(*, source, source_id, box, orig_size, box_source, identity, label_orig, cls) -> bytes:
     """The sample's ``json`` member: byte-identical to ``SampleMeta(...).to_json()`` (tested; -0.0 is
-    written as 0.0), built
-    by a template instead of ``dataclasses.asdict`` + ``json.dumps`` (a third of the pass-through time)."""
-    return (f'{{"box": {_box_str(tuple(float(v) + 0.0 for v in box))}, "box_source": {_jstr(box_source)}, "cls": {int(cls)}, '
-            f'"identity": {"null" if identity is None else _jstr(identity)}, '
-            f'"label_orig": {"null" if label_orig is None else json.dumps(label_orig, sort_keys=True)}, '
-            f'"orig_size": [{int(orig_size[0])}, {int(orig_size[1])}], "source": {_jstr(source)}, '
-            f'"source_id": {_jstr(source_id)}}}').encode("utf-8")
+    written as 0.0), built by a template instead of ``dataclasses.asdict`` + ``json.dumps`` (a third of
+    the pass-through time)."""
+    return (_META_FMT % (_box_str(tuple(box)), _jstr(box_source), int(cls), "null" if identity is None else _jstr(identity),
+                         "null" if label_orig is None else json.dumps(label_orig, sort_keys=True), int(orig_size[0]),
+                         int(orig_size[1]), _jstr(source), _jstr(source_id))).encode("utf-8")
 
 
 def publish(local_tmp: str, url: str) -> None:
@@ -299,14 +331,15 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
     keys: List[str] = []
     classes: List[int] = []
     skipped: List[Dict[str, str]] = []
-    counts: Counter = Counter()
+    box_counts: Dict[str, int] = {}
+    passed = 0
     pending = 0
     try:
-        with open(tmp, "wb", buffering=1 << 20) as fobj:
+        with open(tmp, "wb", buffering=0) as fobj:  # the writer hands over 1 MiB at a time
             writer = open_tar_writer(fobj)
             for rec in plan.records:
                 pending += 1
-                if progress is not None and pending >= 64:
+                if pending >= 64 and progress is not None:
                     progress(pending)
                     pending = 0
                 try:
@@ -315,21 +348,30 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
                 except SkipSample as e:
                     skipped.append({"reason": e.reason, "item": rec.key, "source": _where(rec), "detail": e.detail})
                     continue
+                cls = rec.cls
+                if extra:
+                    identity, label_orig = extra.get("identity", rec.identity), extra.get("label_orig", rec.label_orig)
+                else:
+                    identity, label_orig = rec.identity, rec.label_orig
                 js = meta_json(source=rec.source, source_id=rec.source_id, box=out.box, orig_size=out.orig_size,
-                               box_source=out.box_source, identity=extra.get("identity", rec.identity),
-                               label_orig=extra.get("label_orig", rec.label_orig), cls=rec.cls)
-                if rec.cls != UNLABELED:  # members in extension order: cls, jpg, json
-                    writer.write_members(rec.key, ((EXT_CLASS, encode_cls(rec.cls)), (EXT_IMAGE, out.jpeg),
+                               box_source=out.box_source, identity=identity, label_orig=label_orig, cls=cls)
+                if cls != UNLABELED:  # members in extension order: cls, jpg, json
+                    writer.write_members(rec.key, ((EXT_CLASS, encode_cls(cls)), (EXT_IMAGE, out.jpeg),
                                                    (EXT_META, js)))
                 else:
                     writer.write_members(rec.key, ((EXT_IMAGE, out.jpeg), (EXT_META, js)))
                 keys.append(rec.key)
-                classes.append(rec.cls)
-                counts["box_" + out.box_source] += 1
-                counts["passed_through" if out.passed_through else "reencoded"] += 1
+                classes.append(cls)
+                box_counts[out.box_source] = box_counts.get(out.box_source, 0) + 1
+                passed += out.passed_through
             writer.close()
         if progress is not None and pending:
             progress(pending)
+        counts = {"box_" + k: v for k, v in box_counts.items()}
+        if passed:
+            counts["passed_through"] = passed
+        if len(keys) - passed:
+            counts["reencoded"] = len(keys) - passed
         info = ShardInfo(name=plan.name, url=url, num_samples=len(keys), num_bytes=writer.offset,
                          sha256=writer.sha256.hexdigest(), class_hist=class_hist_of(classes, cfg.num_classes),
                          keys=keys, classes=classes)
@@ -338,7 +380,7 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
         handles.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
-    result = {"shard": _info_dict(info), "skipped": skipped, "counts": dict(counts), "fingerprint": plan.fingerprint}
+    result = {"shard": _info_dict(info), "skipped": skipped, "counts": counts, "fingerprint": plan.fingerprint}
     _put_sidecar(sidecar_url(cfg.output, plan.name), json.dumps(result, sort_keys=True).encode())
     return result
 

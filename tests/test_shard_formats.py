@@ -246,6 +246,61 @@ def test_vggface2_boxes_and_detector(tmp_path):
         build("image-folder", src, tmp_path / "out2", boxes=str(tmp_path / "bad.csv"))
 
 
+def test_image_folder_listing_parallel_equals_serial(tmp_path):
+    """The compact listing: sorted and unique by key (``a.jpg``/``a.png`` collide, ``id1-x`` sorts
+    before ``id1/``), boxes from loose_bb, files in the root too; a pool's ``map`` gives the same."""
+    from multiprocessing import get_context
+
+    from sharding.sources.image_folder import FileSlice, list_image_folder
+
+    src = tmp_path / "train"
+    for d in ("id1", "id1-x", "id2", "id 3", "id4"):
+        for j in range(3):
+            write(src / d / f"{j:02d}.jpg", img_bytes(16, 16, seed=j))
+    write(src / "id2" / "00.png", img_bytes(16, 16, seed=9, fmt="PNG"))
+    write(src / "id2" / "notes.txt", b"x")
+    write(src / "top.jpg", img_bytes(16, 16, seed=7))
+    write(src / "bb_landmark" / "loose_bb_train.csv", b'NAME_ID,X,Y,W,H\n"id1/01",1,2,3,4\n')
+    serial = list_image_folder(str(src), name="vgg")
+    with get_context("spawn").Pool(2) as pool:
+        parallel = list_image_folder(str(src), name="vgg", map_fn=pool.map)
+    for lst in (serial, parallel):
+        recs = lst.records
+        assert isinstance(recs, FileSlice) and len(recs) == 16
+        assert recs.keys == sorted(recs.keys) and len(set(recs.keys)) == 16
+        assert recs.keys[:4] == ["vgg/id1-x/00", "vgg/id1-x/01", "vgg/id1-x/02", "vgg/id1/00"]
+        assert "vgg/id_3/00" in recs.keys and "vgg/top" in recs.keys
+        assert sorted((s.reason, s.item.rsplit("/", 2)[-2:][-1]) for s in lst.skipped) == [
+            ("duplicate_key", "00.png"), ("not_an_image_file", "notes.txt")]
+        by_key = {r.key: r for r in recs}
+        assert by_key["vgg/id1/01"].box == (1.0, 2.0, 4.0, 6.0) and by_key["vgg/id1/01"].box_source == "annotation"
+        assert by_key["vgg/id1/00"].box is None and by_key["vgg/id1/00"].box_source == "detect"
+        assert by_key["vgg/id2/00"].source_id == "id2/00.jpg" and by_key["vgg/id2/00"].identity == "id2"
+        assert by_key["vgg/top"].identity is None and by_key["vgg/top"].load == ("file", str(src / "top.jpg"))
+        assert by_key["vgg/id2/00"].size_hint == os.path.getsize(src / "id2" / "00.jpg")
+    assert serial.records.rels == parallel.records.rels and serial.records.fingerprint_bytes() == \
+        parallel.records.fingerprint_bytes()
+    part = serial.records.take(np.array([3, 0]))
+    assert [r.key for r in part] == [serial.records.keys[3], serial.records.keys[0]]
+
+
+def test_worker_pool_forks_only_without_python_threads():
+    import threading
+
+    from sharding.build import _pool_context
+
+    alone = threading.active_count() == 1  # other tests' fixtures may have left a thread running
+    assert _pool_context().get_start_method() == ("fork" if alone and sys.platform.startswith("linux") else "spawn")
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert _pool_context().get_start_method() == "spawn"
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_detectors_find_a_real_face():
     from skimage import data
 

@@ -1,7 +1,7 @@
 """Source readers, one per on-disk format; ``list_source`` dispatches on ``--format``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from sharding.sources.base import FaceRecord, Listing, Skipped
 from ssfer_dist.errors import UserError
@@ -12,18 +12,19 @@ FORMATS = ("image-folder", "insightface-rec", "rafdb", "affectnet", "ferplus")
 
 
 def list_source(fmt: str, input_path: str, *, split: str, name: Optional[str] = None, num_classes: int = 7,
-                boxes: Optional[str] = None) -> Listing:
+                boxes: Optional[str] = None, map_fn: Optional[Callable] = None) -> Listing:
     """List the samples of ``input_path`` in format ``fmt`` (see ``FORMATS``) for ``split``
     (``train`` | ``val`` | ``test`` | ``all``). ``name`` overrides the dataset name used in keys;
     ``num_classes`` picks AffectNet's 7- or 8-class protocol; ``boxes`` is an optional VGGFace2
-    ``loose_bb`` CSV for image folders."""
+    ``loose_bb`` CSV for image folders; ``map_fn``, an ordered parallel ``map`` (the build's worker
+    pool), lets a reader list in parallel (image folders do)."""
     import os
 
     if not os.path.exists(input_path):
         raise UserError(f"{input_path}: input does not exist")
     if fmt == "image-folder":
         from sharding.sources.image_folder import list_image_folder
-        return list_image_folder(input_path, name=name, boxes=boxes)
+        return list_image_folder(input_path, name=name, boxes=boxes, map_fn=map_fn)
     if fmt == "insightface-rec":
         from sharding.sources.insightface import list_rec
         return list_rec(input_path, name=name)

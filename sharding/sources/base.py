@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ssfer_dist.data.schema import UNLABELED
 
-__all__ = ["FaceRecord", "Listing", "Skipped", "RecordSlice"]
+__all__ = ["FaceRecord", "Listing", "Skipped", "CompactRecords", "RecordSlice"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -64,7 +64,30 @@ class Listing:
     info: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-class RecordSlice:
+class CompactRecords:
+    """A run of records held as arrays rather than one :class:`FaceRecord` object each, for the
+    sources of the big unlabeled corpora (42 M images). Sorted and unique by key. The builder plans
+    shards from ``sizes`` / ``take`` / ``fingerprint_bytes`` and ships the slices to the workers, which
+    turn them into :class:`FaceRecord` objects one at a time on iteration."""
+
+    sizes: Any  # np.ndarray[int64], the encoded sizes (``size_hint``)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __iter__(self):
+        raise NotImplementedError
+
+    def take(self, idx) -> "CompactRecords":
+        """The records at positions ``idx`` (a numpy index array), in that order."""
+        raise NotImplementedError
+
+    def fingerprint_bytes(self) -> bytes:
+        """Bytes that change whenever any record (what it loads, its key, box) changes."""
+        raise NotImplementedError
+
+
+class RecordSlice(CompactRecords):
     """A compact, picklable run of insightface records (numpy key/offset arrays) that yields
     :class:`FaceRecord` objects on iteration — what a shard plan carries for ``.rec`` sources, so a
     42 M-image corpus is planned in ~16 bytes per image instead of a Python object each."""
