@@ -62,14 +62,60 @@ def build_optimizer(groups: List[Dict[str, Any]], optim: OptimCfg, lr: float) ->
                              weight_decay=optim.weight_decay)
 
 
+@contextlib.contextmanager
+def _zero3_fp32_master_is_param():
+    """Let ZeRO-3 use the fp32 parameter partition as its fp32 master partition instead of a copy.
+
+    DeepSpeed's stage-3 optimizer (``_create_fp32_partitions``) means to skip the master copy when
+    the parameter partition already has the master dtype and device ("we don't need another copy of
+    the weights"), but it compares ``tensor.device`` (a ``torch.device``) with ``self.device`` (the
+    accelerator's device *name*, a string), and ``torch.device("cpu") == "cpu"`` is False in torch 2.x,
+    so fp32 ZeRO-3 always keeps a second fp32 copy of every partition: 4 bytes per parameter / ranks
+    more than needed. For the duration of that one call ``self.device`` becomes the ``torch.device``
+    it names, so the comparison works and DeepSpeed takes its own no-copy path (the one it takes
+    under torch autocast): the optimizer then updates the parameter partition in place, and the
+    later fp32 -> param copy is a copy onto itself. Optimizer offload is left alone. Nothing changes
+    when DeepSpeed is fixed upstream (the comparison then already holds).
+    """
+    try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Z3
+    except ImportError:  # pragma: no cover - DeepSpeed layout changed: nothing to patch
+        yield
+        return
+    orig = getattr(Z3, "_create_fp32_partitions", None)
+    if orig is None:  # pragma: no cover - renamed upstream: DeepSpeed's own behaviour
+        yield
+        return
+
+    def create(self):
+        dev = getattr(self, "device", None)
+        if getattr(self, "offload_optimizer", True) or not isinstance(dev, str):
+            return orig(self)
+        self.device = torch.device(dev)
+        try:
+            return orig(self)
+        finally:
+            self.device = dev
+
+    Z3._create_fp32_partitions = create
+    try:
+        yield
+    finally:
+        Z3._create_fp32_partitions = orig
+
+
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: Dict[str, Any]):
-    """``deepspeed.initialize`` (reuses the process group Ray Train created). Returns the engine."""
+    """``deepspeed.initialize`` (reuses the process group Ray Train created). Returns the engine.
+    fp32 ZeRO-3 keeps no second fp32 copy of the partitions (see ``_zero3_fp32_master_is_param``)."""
     import deepspeed
 
     if not torch.distributed.is_initialized():  # a single process outside Ray (benchmarks, tools)
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
-    engine, _opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                              dist_init_required=False)
+    fp32_zero3 = (config.get("zero_optimization", {}).get("stage") == 3
+                  and not config.get("bf16", {}).get("enabled") and not config.get("fp16", {}).get("enabled"))
+    with _zero3_fp32_master_is_param() if fp32_zero3 else contextlib.nullcontext():
+        engine, _opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                  dist_init_required=False)
     return engine
 
 
