@@ -138,12 +138,14 @@ class FaceMixCfg:
 
 @dataclass(frozen=True)
 class ThresholdCfg:
-    kind: Literal["fixed", "dtm", "freematch"] = "fixed"
+    kind: Literal["fixed", "dtm", "freematch", "flexmatch"] = "fixed"
     tau: float = 0.7                  # fixed
     dtm_init: float = 0.8
     dtm_momentum: float = 0.9
     dtm_every: int = 50               # steps between DTM updates
     freematch_momentum: float = 0.999
+    flexmatch_tau: float = 0.95       # FlexMatch's upper threshold (scaled per class by its learning effect)
+    flexmatch_warmup: bool = True     # threshold warm-up (unused samples count as a class)
 
 
 @dataclass(frozen=True)

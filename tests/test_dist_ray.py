@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+from sharding.manifest import read_manifest
 from ssfer_dist import storage
 from ssfer_dist.config import load_config
 from ssfer_dist.errors import UserError
@@ -124,14 +125,18 @@ def test_three_debug_stages_chain_through_exports(ray_local, shards, tmp_path):
           f"pretrain.data.shards={shards['fr']}", f"finetune.data.shards={shards['labeled']}",
           f"semisup.data.shards={shards['labeled']}",
           f"semisup.data.unlabeled=[{{shards: {shards['unlabeled']}, weight: 0.7}}, {{shards: {shards['fr']}, weight: 0.3}}]",
-          "*.train.max_steps=10", "*.checkpoint.every_steps=0", "*.train.preview_every=0"]
+          "*.train.max_steps=10", "*.checkpoint.every_steps=0", "*.train.preview_every=0",
+          "semisup.semisup.threshold.kind=flexmatch", "semisup.semisup.threshold.flexmatch_tau=0.15"]
     results = run_pipeline(os.path.join(CONFIGS, "debug_cpu_pipeline.yaml"), ov)
     kinds = [load_weights(r.export_path)[1]["kind"] for r in results]
     assert kinds == ["mae", "classifier", "classifier"]
     ft_cfg = json.loads(json.dumps(_metrics(results[1].run_url)[-1]))
     assert ft_cfg["step"] == 10 and "loss_mix" in ft_cfg
-    semi = _metrics(results[2].run_url)[-1]
-    assert semi["step"] == 10 and "mask_rate" in semi and "loss_u" in semi
+    semi = _metrics(results[2].run_url)
+    assert semi[-1]["step"] == 10 and "mask_rate" in semi[-1] and "loss_u" in semi[-1]
+    # FlexMatch (per-sample ids through the unlabeled stream, state all-reduced across ranks): its class
+    # thresholds start at 0 under warm-up and rise once samples are claimed (teacher max-prob >= 0.15)
+    assert 0.0 < semi[-1]["tau_mean"] <= 0.15
     model, meta = classifier_from_weights(results[2].export_path)
     assert meta["arch"]["num_classes"] == 7 and len(meta["class_names"]) == 7
     # the stages really started from each other's exports
@@ -163,6 +168,16 @@ def test_bad_inputs_fail_before_any_worker(shards, tmp_path, s3_server, monkeypa
 
         preflight(load_config(os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"), [f"data.shards={broken}"]))
     assert main(base + ["--set", f"data.shards={broken}"]) == 2
+    # FlexMatch over more unlabeled samples than its dense per-sample state allows
+    import ssfer_dist.dist.launch as launch
+
+    semi = [f"data.shards={shards['labeled']}", f"data.unlabeled=[{{shards: {shards['fr']}}}]",
+            "semisup.threshold.kind=flexmatch", "init.weights=null"]
+    plan = preflight(load_config(os.path.join(CONFIGS, "debug_cpu_semisup.yaml"), semi), check_storage=False)
+    assert plan["unlabeled"][0]["offsets"][:2] == [0, read_manifest(shards["fr"]).shards[0].num_samples]
+    monkeypatch.setattr(launch, "MAX_FLEXMATCH_SAMPLES", plan["num_unlabeled"] - 1)
+    with pytest.raises(UserError, match=r"semisup.threshold.kind: flexmatch keeps state per unlabeled sample"):
+        preflight(load_config(os.path.join(CONFIGS, "debug_cpu_semisup.yaml"), semi), check_storage=False)
     # storage with wrong credentials
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(UserError, match=r"run.storage: s3://ssfer-nope"):

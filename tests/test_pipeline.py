@@ -87,6 +87,31 @@ def test_semisupervised_batches(shards):
     assert (b["box"][:, 2] > b["box"][:, 0]).all()
 
 
+def test_unlabeled_samples_carry_their_manifest_row_as_id(shards):
+    """FlexMatch's per-sample state: with shard offsets every unlabeled sample carries ``u_index`` =
+    its row in the manifests' per-sample index, counted over the sources in order."""
+    import numpy as np
+
+    lab_views, unl_views = stage_views("semisup", "flexmatch")
+    mans = [read_manifest(shards["unlabeled"]), read_manifest(shards["fr"])]
+    srcs, first, classes = [], 0, []
+    for m, w in zip(mans, (0.7, 0.3)):
+        offs = [first + int(x) for x in np.cumsum([0] + [s.num_samples for s in m.shards[:-1]])]
+        first += m.num_samples
+        srcs.append(Source(tuple(m.shard_urls()), w, tuple(offs)))
+        classes += m.index().column("cls").to_pylist()
+    unl = StreamSpec(tuple(srcs), unl_views, 16, False, "u_")
+    lab = read_manifest(shards["labeled"]).shard_urls()
+    batches = _take(_stream(lab, views=lab_views, labeled=True, extra=[unl], world=1), 1, 12)
+    ids = torch.cat([b["u_index"] for b in batches])
+    labels = torch.cat([b["u_label"] for b in batches])
+    assert ids.shape == (12 * 16,) and int(ids.min()) >= 0 and int(ids.max()) < first
+    assert [classes[i] for i in ids.tolist()] == labels.tolist()  # the id names the very sample
+    assert int((ids < mans[0].num_samples).sum()) > 0 and int((ids >= mans[0].num_samples).sum()) > 0
+    assert "u_index" not in _take(_stream(lab, views=lab_views, labeled=True, world=1, extra=[
+        StreamSpec((Source(tuple(mans[1].shard_urls())),), unl_views, 16, False, "u_")]), 1, 1)[0]
+
+
 def test_stream_from_s3(s3_bucket, shards):
     from ssfer_dist import storage
 

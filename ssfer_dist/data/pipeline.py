@@ -39,10 +39,14 @@ __all__ = ["Source", "View", "StreamSpec", "ShardStream", "make_loader", "stream
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Shard URLs of one dataset and its mixing weight (unlabeled mixtures)."""
+    """Shard URLs of one dataset and its mixing weight (unlabeled mixtures). ``offsets`` (one per URL,
+    optional): the sample id of each shard's first sample; with them every sample carries a stable
+    id ``offset + its position in the shard`` (= its row in the manifests' per-sample index, counted
+    over all sources), which FlexMatch keys its per-sample state by."""
 
     urls: Tuple[str, ...]
     weight: float = 1.0
+    offsets: Tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +143,18 @@ def _resampled(urls: List[str], rng: random.Random) -> Iterator[Dict[str, str]]:
         yield {"url": urls[rng.randrange(len(urls))]}
 
 
+def _indexed_samples(shards: Iterator[Dict[str, str]], offsets: Dict[str, int], handler) -> Iterator[Dict[str, Any]]:
+    """``tarfile_to_samples`` one shard at a time, each sample tagged ``__sid__`` = the shard's offset +
+    its position in the tar (a corrupt member that loses a whole sample shifts the rest of that shard
+    by one: the ids stay in range and stable)."""
+    expand = wds.tarfile_to_samples(handler=handler)
+    for src in shards:
+        base = offsets[src["url"]]
+        for i, sample in enumerate(expand(iter([src]))):
+            sample["__sid__"] = base + i
+            yield sample
+
+
 def _mixed(iters: List[Iterator[Dict[str, Any]]], weights: List[float], rng: random.Random):
     if len(iters) == 1:
         yield from iters[0]
@@ -209,6 +225,8 @@ class ShardStream(IterableDataset):
             elif spec.prefix:   # unlabeled stream: true label when the shard has one (pseudo-label accuracy)
                 cls = sample.get(EXT_CLASS)
                 out[spec.prefix + "label"] = int(cls.decode("ascii").strip()) if cls else -1
+            if "__sid__" in sample:
+                out[spec.prefix + "index"] = sample["__sid__"]
             counter.ok()
             return out
 
@@ -220,6 +238,13 @@ class ShardStream(IterableDataset):
         for si, src in enumerate(spec.sources):
             urls = split_urls(src.urls, self.rank, self.world_size, lane, self.num_lanes)
             srng = random.Random(rng.getrandbits(63) + si)
+            if src.offsets:  # samples carry a stable id
+                offsets = dict(zip(src.urls, src.offsets))
+                per_source.append(wds.DataPipeline(
+                    lambda urls=urls, srng=srng: _resampled(urls, srng),
+                    lambda it, offsets=offsets: _indexed_samples(it, offsets, counter),
+                ))
+                continue
             per_source.append(wds.DataPipeline(
                 lambda urls=urls, srng=srng: _resampled(urls, srng),   # resampled shards (this rank+lane's split)
                 wds.tarfile_to_samples(handler=counter),               # tar members → samples

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 __all__ = ["RunResult", "run_stage", "run_from_cli", "pipeline_from_cli", "preflight", "run_pipeline"]
 
 # Environment forwarded to the workers (they may run on other nodes or in a Ray started earlier).
+# FlexMatch all-reduces two dense float32 vectors over the unlabeled set every step (16 MB at 2 M)
+MAX_FLEXMATCH_SAMPLES = 2_000_000
+
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "DS_ACCELERATOR",
                "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
@@ -86,11 +89,25 @@ def preflight(cfg: Config, check_storage: bool = True) -> Dict[str, Any]:
         plan["num_classes"] = labeled.num_classes
         plan["class_names"] = labeled.class_names
     unl = []
+    first = 0  # sample ids run over all unlabeled sources: source after source, shard after shard
     for i, u in enumerate(cfg.data.unlabeled if cfg.train.stage == "semisup" else []):
         key = f"data.unlabeled[{i}].shards"
         m = _read_manifest(u.shards, key)
-        unl.append({"urls": _check_shards(m, key), "weight": u.weight, "num_samples": m.num_samples})
+        offsets = []
+        for s in m.shards:
+            offsets.append(first)
+            first += s.num_samples
+        unl.append({"urls": _check_shards(m, key), "weight": u.weight, "num_samples": m.num_samples,
+                    "offsets": offsets})
     plan["unlabeled"] = unl
+    plan["num_unlabeled"] = first
+    if cfg.train.stage == "semisup" and cfg.semisup.threshold.kind == "flexmatch":
+        if not unl:
+            raise UserError("semisup.threshold.kind: flexmatch needs data.unlabeled")
+        if first > MAX_FLEXMATCH_SAMPLES:
+            raise UserError(f"semisup.threshold.kind: flexmatch keeps state per unlabeled sample and all-reduces "
+                            f"2 x {first:,} values every step; use at most {MAX_FLEXMATCH_SAMPLES:,} unlabeled samples "
+                            f"(e.g. the FER remainder) or a per-class threshold (dtm, freematch)")
     if cfg.init.weights:
         w = cfg.init.weights
         if os.path.isdir(w):

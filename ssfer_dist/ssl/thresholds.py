@@ -198,8 +198,8 @@ class FlexMatchThreshold(ThresholdPolicy):
         mask = (maxp >= self.tau * acc / (2.0 - acc)).float()
         sel = (maxp >= self.tau).cpu()
         ids = sample_ids.long().cpu()
-        upd = torch.zeros(2, self.num_samples, dtype=torch.float64)
-        upd[0, ids[sel]] = pseudo.cpu()[sel].double() + 1
+        upd = torch.zeros(2, self.num_samples, dtype=torch.float32)  # sums of (label + 1) and counts: exact
+        upd[0, ids[sel]] = pseudo.cpu()[sel].float() + 1
         upd[1, ids[sel]] = 1
         upd = self.all_reduce(upd.to(probs.device)).cpu()
         hit = upd[1] > 0

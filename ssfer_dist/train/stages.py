@@ -104,7 +104,9 @@ def build_task(cfg: Config, plan: Dict[str, Any], device: torch.device) -> Tuple
     th = s.threshold
     kw: Dict[str, Any] = {"fixed": {"tau": th.tau},
                           "dtm": {"tau0": th.dtm_init, "momentum": th.dtm_momentum},
-                          "freematch": {"momentum": th.freematch_momentum}}[th.kind]
+                          "freematch": {"momentum": th.freematch_momentum},
+                          "flexmatch": {"num_samples": int(plan.get("num_unlabeled", 0)), "tau": th.flexmatch_tau,
+                                        "warmup": th.flexmatch_warmup}}[th.kind]
     threshold = build_threshold(th.kind, num_classes, all_reduce=_all_reduce_sum, **kw)
     teacher = EMATeacher(model, decay=s.ema_decay, device=device)
     task = tasks.SemiSupervised(model, teacher, threshold, num_classes, lambda_u=s.lambda_u, mu=cfg.data.mu,
@@ -134,7 +136,9 @@ def stream_specs(cfg: Config, plan: Dict[str, Any]) -> List[StreamSpec]:
     specs = [StreamSpec(sources=(Source(tuple(plan["shard_urls"])),), views=lab_views,
                         batch_size=cfg.data.batch_size_per_rank, labeled=cfg.train.stage != "mae")]
     if cfg.train.stage == "semisup":
-        srcs = tuple(Source(tuple(u["urls"]), u["weight"]) for u in plan["unlabeled"])
+        ids = th_kind == "flexmatch"  # per-sample state: samples carry their manifest row as an id
+        srcs = tuple(Source(tuple(u["urls"]), u["weight"], tuple(u["offsets"]) if ids else ())
+                     for u in plan["unlabeled"])
         specs.append(StreamSpec(sources=srcs, views=unl_views, batch_size=cfg.data.batch_size_per_rank * cfg.data.mu,
                                 labeled=False, prefix="u_"))
     return specs
