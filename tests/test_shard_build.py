@@ -46,15 +46,25 @@ def test_s3_build_read_back_with_webdataset(tmp_path, s3_bucket):
     assert problems == [] and stats["num_samples"] == 10
 
 
-def test_same_seed_same_shards_any_workers(tmp_path):
+def test_same_seed_same_shards_any_workers(tmp_path, monkeypatch):
+    import multiprocessing
+
+    import sharding.build as sb
+
     root = make_image_folder(tmp_path / "casia", n_ids=3, per_id=5)
     a = build("image-folder", root, tmp_path / "a", seed=3, workers=1, image_size=64)
     build("image-folder", root, tmp_path / "b", seed=3, workers=2, image_size=64)
-    ma, mb = read_manifest(str(tmp_path / "a")), read_manifest(str(tmp_path / "b"))
-    assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards]
-    assert ma.index().equals(mb.index())
-    for n in _shard_files(tmp_path / "a"):
-        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
+    # the pool's other start method (spawn: used when a Python thread runs, and off Linux) too
+    other = "spawn" if sb._pool_context().get_start_method() == "fork" else "fork"
+    monkeypatch.setattr(sb, "_pool_context", lambda: multiprocessing.get_context(other))
+    build("image-folder", root, tmp_path / "s", seed=3, workers=2, image_size=64)
+    ma = read_manifest(str(tmp_path / "a"))
+    for other_out in ("b", "s"):
+        mb = read_manifest(str(tmp_path / other_out))
+        assert [s.sha256 for s in ma.shards] == [s.sha256 for s in mb.shards]
+        assert ma.index().equals(mb.index())
+        for n in _shard_files(tmp_path / "a"):
+            assert (tmp_path / "a" / n).read_bytes() == (tmp_path / other_out / n).read_bytes()
     build("image-folder", root, tmp_path / "c", seed=4, image_size=64)
     assert read_manifest(str(tmp_path / "c")).index().column("key").to_pylist() != \
         ma.index().column("key").to_pylist()
