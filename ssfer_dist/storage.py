@@ -84,10 +84,13 @@ def _client_config():
 
 
 def s3_client():
-    """A boto3 S3 client per thread (boto3 clients are thread-safe but sessions are not)."""
+    """A boto3 S3 client per thread (boto3 clients are thread-safe but sessions are not) and per
+    process: a forked child (the shard builder's workers, DataLoader workers) makes its own rather
+    than sharing the parent's pooled connections."""
     cli = getattr(_local, "client", None)
-    key = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                             "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    key = (os.getpid(),) + tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                                              "AWS_PROFILE"))
     if cli is None or getattr(_local, "client_key", None) != key:
         import boto3
 

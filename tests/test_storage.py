@@ -73,3 +73,31 @@ def test_local_files_get_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "m.bin").st_mode & 0o777) == 0o644
+
+
+_PARENT_CLIENT = None
+
+
+def _child_uses_own_client(url, q):
+    own = storage.s3_client()
+    q.put((own is not _PARENT_CLIENT, own is storage.s3_client(), storage.get_bytes(url)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_makes_its_own_s3_client(s3_bucket):
+    """A forked process (shard-builder pool, DataLoader workers) must not reuse the parent's client:
+    its pooled keep-alive connections would be shared by several processes."""
+    import multiprocessing
+
+    global _PARENT_CLIENT
+    url = f"{s3_bucket}/fork/x.bin"
+    storage.put_bytes(url, b"abc")
+    _PARENT_CLIENT = storage.s3_client()
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_uses_own_client, args=(url, q))
+    p.start()
+    fresh, cached, data = q.get(timeout=60)
+    p.join(timeout=30)
+    assert fresh and cached and data == b"abc" and p.exitcode == 0
+    assert storage.s3_client() is _PARENT_CLIENT  # the parent keeps its own
