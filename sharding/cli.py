@@ -14,9 +14,19 @@ from ssfer_dist.errors import UserError, run_command
 __all__ = ["main", "build_parser"]
 
 
-_BUILD_DEFAULTS = dict(split="train", image_size=112, samples_per_shard=1000, max_shard_bytes=1 << 30, workers=1,
+_BUILD_DEFAULTS = dict(split="train", image_size=112, samples_per_shard=1000, max_shard_bytes=1 << 30, workers=None,
                       seed=0, detector="none", num_classes=7, jpeg_quality=95, box_scale=1.25,
                       max_pixels=64 * 1024 * 1024)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _add_build(sub) -> None:
@@ -35,7 +45,8 @@ def _add_build(sub) -> None:
     p.add_argument("--samples-per-shard", type=int, help=f"default {d['samples_per_shard']}")
     p.add_argument("--max-shard-bytes", type=int,
                    help="cut shards before this many bytes (estimated from source sizes; default 1 GiB)")
-    p.add_argument("--workers", type=int, help="worker processes on this machine (default 1)")
+    p.add_argument("--workers", type=int,
+                   help="worker processes on this machine (default: every CPU this process may use)")
     p.add_argument("--seed", type=int, help="sample order seed; same seed -> identical shards (default 0)")
     p.add_argument("--name", default=None, help="shard/key prefix (default: the dataset's name)")
     p.add_argument("--detector", choices=["none", "haar", "mtcnn"],
@@ -97,6 +108,10 @@ def _cmd_build(a) -> int:
     missing = [f"--{k}" for k in ("format", "input", "output") if not merged.get(k)]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (give them as flags or in --spec)")
+    if merged.get("workers") is None:
+        merged["workers"] = usable_cpus()
+    elif merged["workers"] < 1:
+        raise UserError(f"--workers {merged['workers']}: must be at least 1")
     use_ray = bool(merged.pop("ray", False))
     try:
         cfg = BuildConfig(use_ray=use_ray, progress=not a.no_progress, **merged)

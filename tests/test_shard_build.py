@@ -255,3 +255,21 @@ def test_ray_build_to_s3(tmp_path, ray_local, s3_bucket):
     assert verify(out)[0] == []
     assert sorted(n for n in storage.list_files(out) if n.endswith(".tar")) == \
         ["rafdb-000000.tar", "rafdb-000001.tar", "rafdb-000002.tar"]
+
+
+def test_cli_workers_default_to_usable_cpus(tmp_path, monkeypatch, capsys):
+    import sharding.build
+    from sharding.cli import usable_cpus
+
+    seen = []
+
+    def fake_run_build(cfg):
+        seen.append(cfg.workers)
+        return {"num_samples": 0, "num_shards": 0, "num_skipped": 0, "skipped_by_reason": {}, "images_per_s": 0}
+
+    monkeypatch.setattr(sharding.build, "run_build", fake_run_build)
+    args = ["build", "--format", "image-folder", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert shard_main(args) == 0 and shard_main(args + ["--workers", "3"]) == 0
+    assert seen == [usable_cpus(), 3] and usable_cpus() >= 1
+    assert shard_main(args + ["--workers", "0"]) == 2
+    assert "--workers 0: must be at least 1" in capsys.readouterr().err
