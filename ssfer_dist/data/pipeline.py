@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import zlib
+from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -238,16 +239,13 @@ class ShardStream(IterableDataset):
         for si, src in enumerate(spec.sources):
             urls = split_urls(src.urls, self.rank, self.world_size, lane, self.num_lanes)
             srng = random.Random(rng.getrandbits(63) + si)
-            if src.offsets:  # samples carry a stable id
-                offsets = dict(zip(src.urls, src.offsets))
-                per_source.append(wds.DataPipeline(
-                    lambda urls=urls, srng=srng: _resampled(urls, srng),
-                    lambda it, offsets=offsets: _indexed_samples(it, offsets, counter),
-                ))
-                continue
+            if src.offsets:  # tar members → samples, each with its stable id
+                expand = partial(_indexed_samples, offsets=dict(zip(src.urls, src.offsets)), handler=counter)
+            else:            # tar members → samples
+                expand = wds.tarfile_to_samples(handler=counter)
             per_source.append(wds.DataPipeline(
                 lambda urls=urls, srng=srng: _resampled(urls, srng),   # resampled shards (this rank+lane's split)
-                wds.tarfile_to_samples(handler=counter),               # tar members → samples
+                expand,
             ))
         mixed = _mixed([iter(p) for p in per_source], [s.weight for s in spec.sources], rng)
         pipe = wds.DataPipeline(
