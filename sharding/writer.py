@@ -85,12 +85,21 @@ _HDR_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + TAR_USER.encode().ljust(32, b
 
 
 _HDR_CONST_SUM = sum(_HDR_MID) + sum(_HDR_MTIME) + sum(b"        ") + sum(_HDR_TAIL)
-_PREFIX_NONE = bytes(167)
 
 
 @functools.lru_cache(maxsize=64)
-def _ext_sum(ext: str) -> int:
-    return sum(ext.encode("utf-8"))
+def _dot_ext(ext: str) -> Tuple[bytes, int]:
+    """``.ext`` as bytes and its byte sum (the part of a member name after the key)."""
+    b = ("." + ext).encode("utf-8")
+    return b, sum(b)
+
+
+def _header(name: bytes, name_sum: int, size: int, prefix: bytes = b"") -> bytes:
+    """The header block for ``name`` (<= 100 bytes; ``prefix`` <= 155) whose byte sum is ``name_sum``."""
+    size_field = b"%011o\0" % size
+    chksum = _HDR_CONST_SUM + name_sum + sum(size_field) + (sum(prefix) if prefix else 0)
+    return b"".join((name.ljust(100, b"\0"), _HDR_MID, size_field, _HDR_MTIME, b"%06o\0 " % chksum, _HDR_TAIL,
+                     prefix.ljust(167, b"\0")))
 
 
 def ustar_header(name: str, size: int) -> bytes:
@@ -103,10 +112,7 @@ def ustar_header(name: str, size: int) -> bytes:
         if cut <= 0 or len(raw) - cut - 1 > 100:
             raise ValueError(f"tar member name too long for USTAR: {name[:80]}...")
         prefix, raw = raw[:cut], raw[cut + 1:]
-    size_field = b"%011o\0" % size
-    chksum = _HDR_CONST_SUM + sum(raw) + sum(size_field) + (sum(prefix) if prefix else 0)
-    return b"".join((raw.ljust(100, b"\0"), _HDR_MID, size_field, _HDR_MTIME, b"%06o\0 " % chksum, _HDR_TAIL,
-                     prefix.ljust(167, b"\0")))
+    return _header(raw, sum(raw), size, prefix)
 
 
 class SampleTarWriter:
@@ -154,17 +160,13 @@ class SampleTarWriter:
         parts = self._parts
         start = self.offset
         kb = key.encode("utf-8")
-        ksum = -1
+        ksum = sum(kb)  # shared by the members' header checksums
         for ext, data in members:
             n = len(data)
-            if len(kb) + len(ext) < 100:  # the name fits the name field: the header's sums share the key's
-                if ksum < 0:
-                    ksum = sum(kb) + _HDR_CONST_SUM + 46  # + "."
-                size_field = b"%011o\0" % n
-                parts.append(b"".join((kb, b".", ext.encode(), bytes(99 - len(kb) - len(ext)), _HDR_MID, size_field,
-                                       _HDR_MTIME, b"%06o\0 " % (ksum + _ext_sum(ext) + sum(size_field)), _HDR_TAIL,
-                                       _PREFIX_NONE)))
-            else:
+            dot_ext, ext_sum = _dot_ext(ext)
+            if len(kb) + len(dot_ext) <= 100:
+                parts.append(_header(kb + dot_ext, ksum + ext_sum, n))
+            else:  # split into prefix + name
                 parts.append(ustar_header(f"{key}.{ext}", n))
             parts.append(data)
             pad = (-n) % _BLOCK
@@ -339,7 +341,7 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
             writer = open_tar_writer(fobj)
             for rec in plan.records:
                 pending += 1
-                if pending >= 64 and progress is not None:
+                if progress is not None and pending >= 64:
                     progress(pending)
                     pending = 0
                 try:
@@ -349,12 +351,9 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
                     skipped.append({"reason": e.reason, "item": rec.key, "source": _where(rec), "detail": e.detail})
                     continue
                 cls = rec.cls
-                if extra:
-                    identity, label_orig = extra.get("identity", rec.identity), extra.get("label_orig", rec.label_orig)
-                else:
-                    identity, label_orig = rec.identity, rec.label_orig
                 js = meta_json(source=rec.source, source_id=rec.source_id, box=out.box, orig_size=out.orig_size,
-                               box_source=out.box_source, identity=identity, label_orig=label_orig, cls=cls)
+                               box_source=out.box_source, identity=extra.get("identity", rec.identity),
+                               label_orig=extra.get("label_orig", rec.label_orig), cls=cls)
                 if cls != UNLABELED:  # members in extension order: cls, jpg, json
                     writer.write_members(rec.key, ((EXT_CLASS, encode_cls(cls)), (EXT_IMAGE, out.jpeg),
                                                    (EXT_META, js)))
