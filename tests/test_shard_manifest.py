@@ -68,3 +68,12 @@ def test_tar_writer_matches_tarfile_and_meta_json_matches_schema():
             kw = dict(source="ferplus", source_id="fer/0000001", box=(0.1234567, 0, 48, 47.99999), orig_size=(48, 48),
                       box_source="frame", identity=identity, label_orig=label_orig, cls=1)
             assert meta_json(**kw) == SampleMeta(**kw).to_json()
+
+
+def test_make_keys_equals_make_key_one_by_one():
+    from ssfer_dist.data.schema import make_key, make_keys
+
+    plain = ["id1/0001.jpg", "id 2/a.b.png", "x/y/z.jpeg", "top.jpg", "n000002/0001_01.jpg", "é/ü.jpg", "noext"]
+    odd = plain + ["a\\b.jpg", "/lead.jpg", "nl\nname.jpg"]
+    for ids in (plain, odd, []):
+        assert make_keys("my data", ids) == [make_key("my data", s) for s in ids]

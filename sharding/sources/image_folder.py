@@ -16,14 +16,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from sharding.sources.base import CompactRecords, FaceRecord, Listing, Skipped
-from ssfer_dist.data.schema import make_key
+from ssfer_dist.data.schema import make_keys
 from ssfer_dist.errors import UserError
 
 __all__ = ["list_image_folder", "read_loose_bb", "FileSlice", "IMAGE_EXTS"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 _BB_HEADER = ["NAME_ID", "X", "Y", "W", "H"]
-_KEY_BAD_LINES = re.compile(r"[^A-Za-z0-9_/\n-]")  # schema.make_key's unsafe characters, newline kept
 
 
 def _default_name(path: str) -> str:
@@ -109,22 +108,11 @@ class FileSlice(CompactRecords):
         return out + (self.boxes.tobytes() if self.boxes is not None else b"")
 
 
-def _keys_for(dataset: str, stems: List[str], rels: List[str]) -> List[str]:
-    """``make_key(dataset, rel)`` for every image: one regex pass over all extension-less paths
-    (falls back to one call each when a name holds a newline or backslash)."""
-    joined = "\n".join(stems)
-    if "\\" not in joined and joined.count("\n") == len(stems) - 1:
-        ds = make_key(dataset, "x")[:-2]
-        return [f"{ds}/{k}" for k in _KEY_BAD_LINES.sub("_", joined).split("\n")]
-    return [make_key(dataset, r) for r in rels]
-
-
 def _scan(dirs: List[str], cut: int, root: str, descend: bool = True):
-    """Depth-first, name-sorted listing of the folders ``dirs`` (in that order): ``(rels, stems, sizes,
-    skipped, subdirs)``, paths relative to the input folder (``cut`` characters of prefix). With
+    """Depth-first, name-sorted listing of the folders ``dirs`` (in that order): ``(rels, sizes, skipped,
+    subdirs)``, paths relative to the input folder (``cut`` characters of prefix). With
     ``descend=False`` only the files directly in ``dirs`` are listed and their sub-folders returned."""
     rels: List[str] = []
-    stems: List[str] = []
     sizes: List[int] = []
     skipped: List[Skipped] = []
     below: List[str] = []
@@ -157,16 +145,15 @@ def _scan(dirs: List[str], cut: int, root: str, descend: bool = True):
             except OSError:
                 sizes.append(0)
             rels.append(rel)
-            stems.append(rel[: len(rel) - len(ext)])
         if descend:
             stack.extend(reversed(subdirs))
         else:
             below.extend(subdirs)
-    return rels, stems, sizes, skipped, below
+    return rels, sizes, skipped, below
 
 
 def _scan_chunk(args):
-    return _scan(*args)[:4]
+    return _scan(*args)[:3]
 
 
 def list_image_folder(root: str, *, name: Optional[str] = None, boxes: Optional[str] = None,
@@ -183,23 +170,22 @@ def list_image_folder(root: str, *, name: Optional[str] = None, boxes: Optional[
     box_file = boxes or _find_boxes(root)
     box_map = read_loose_bb(box_file) if box_file else {}
     cut = len(os.path.join(root, ""))
-    rels, stems, sizes, skipped, subdirs = _scan([root], cut, root, descend=False)
+    rels, sizes, skipped, subdirs = _scan([root], cut, root, descend=False)
     if map_fn is not None and len(subdirs) >= 2:
         n = min(len(subdirs), 16)
         chunks = [subdirs[i * len(subdirs) // n:(i + 1) * len(subdirs) // n] for i in range(n)]
         parts = map_fn(_scan_chunk, [(c, cut, root) for c in chunks])
     else:
-        parts = [_scan(subdirs, cut, root)[:4]] if subdirs else []
-    for r, st, sz, sk in parts:
+        parts = [_scan(subdirs, cut, root)[:3]] if subdirs else []
+    for r, sz, sk in parts:
         rels += r
-        stems += st
         sizes += sz
         skipped += sk
     if not rels and not skipped:
         raise UserError(f"{root}: no images found (expected ROOT/<identity>/<image>.jpg)")
     nan_box = (float("nan"),) * 4
-    box_list = [box_map.get(st, nan_box) for st in stems] if box_map else []
-    keys = _keys_for(dataset, stems, rels)
+    box_list = [box_map.get(r[:r.rfind(".")], nan_box) for r in rels] if box_map else []  # keyed without extension
+    keys = make_keys(dataset, rels)
     if not all(map(operator.lt, keys, keys[1:])):  # not strictly increasing: sort, drop repeated keys
         order = sorted(range(len(keys)), key=lambda i: (keys[i], rels[i]))
         keep: List[int] = []
