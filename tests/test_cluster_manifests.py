@@ -67,31 +67,23 @@ def _json_patch(doc, ops, where):
         parent = doc
         for p in parts[:-1]:
             parent = parent[int(p)] if isinstance(parent, list) else parent[p]
-        last = parts[-1]
         kind = op["op"]
         if isinstance(parent, list):
-            idx = len(parent) if last == "-" else int(last)
-            if kind == "add":
-                parent.insert(idx, copy.deepcopy(op["value"]))
-            elif kind == "replace":
-                parent[idx] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del parent[idx]
-            elif kind == "test":
-                assert parent[idx] == op["value"], f"{where}: test failed at {op['path']}"
-            else:
-                raise AssertionError(f"{where}: unsupported op {kind}")
+            key = len(parent) if parts[-1] == "-" else int(parts[-1])
         else:
-            if kind in ("replace", "remove", "test") and last not in parent:
+            key = parts[-1]
+            if kind in ("replace", "remove", "test") and key not in parent:
                 raise AssertionError(f"{where}: {kind} of missing path {op['path']}")
-            if kind in ("add", "replace"):
-                parent[last] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del parent[last]
-            elif kind == "test":
-                assert parent[last] == op["value"], f"{where}: test failed at {op['path']}"
-            else:
-                raise AssertionError(f"{where}: unsupported op {kind}")
+        if kind == "add" and isinstance(parent, list):
+            parent.insert(key, copy.deepcopy(op["value"]))
+        elif kind in ("add", "replace"):
+            parent[key] = copy.deepcopy(op["value"])
+        elif kind == "remove":
+            del parent[key]
+        elif kind == "test":
+            assert parent[key] == op["value"], f"{where}: test failed at {op['path']}"
+        else:
+            raise AssertionError(f"{where}: unsupported op {kind}")
 
 
 def _matches(doc, target):
