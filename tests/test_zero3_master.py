@@ -50,17 +50,13 @@ def _step(engine, step: int, rank: int, dtype=torch.float32) -> float:
     return float(loss)
 
 
-def _weights(engine, stage: int):
-    from ssfer_dist.dist.engine import consolidated_state_dict
-
-    return consolidated_state_dict(engine, stage)
-
-
 def _worker(rank: int, world: int, port: int, ckpt: str, q) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     import logging
+
+    from ssfer_dist.dist.engine import consolidated_state_dict
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -73,7 +69,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, q) -> None:
                                for a, b in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat)]
         for s in range(STEPS):
             _step(plain, s, rank)
-        ref = _weights(plain, 3)
+        ref = consolidated_state_dict(plain, 3)
         # ours: the master partition is the parameter partition
         eng = _engine(3, patched=True)
         opt = eng.optimizer
@@ -84,17 +80,17 @@ def _worker(rank: int, world: int, port: int, ckpt: str, q) -> None:
         eng.save_checkpoint(ckpt, tag="mid")
         for s in range(STEPS // 2, STEPS):
             _step(eng, s, rank)
-        ours = _weights(eng, 3)
+        ours = consolidated_state_dict(eng, 3)
         # resume from the mid-way checkpoint into a fresh engine and finish the same steps
         again = _engine(3, patched=True)
         again.load_checkpoint(ckpt, tag="mid")
         for s in range(STEPS // 2, STEPS):
             _step(again, s, rank)
-        resumed = _weights(again, 3)
+        resumed = consolidated_state_dict(again, 3)
         # bf16 ZeRO-3 (the GPU configs' setting) is left to DeepSpeed: bf16 params, fp32 masters
         bf = _engine(3, patched=True, precision="bf16")
         out["bf16_losses"] = [_step(bf, s, rank, torch.bfloat16) for s in range(STEPS)]
-        bf_w = _weights(bf, 3)
+        bf_w = consolidated_state_dict(bf, 3)
         if rank == 0:
             out["names"] = sorted(ref)
             out["max_diff_ours"] = max(float((ref[k] - ours[k]).abs().max()) for k in ref)
