@@ -1,6 +1,6 @@
 """Per-rank parameter + gradient + optimizer bytes at ZeRO 0/1/2/3 with 2 ranks (ViT-S MAE, AdamW; fp32 or bf16).
 
-Two gloo processes build the engine exactly as training does (``ssfer_dist.dist.engine``), take one
+Two gloo processes build the engine exactly as training does (``ssfer_dist.distributed.engine``), take one
 optimizer step (so AdamW states exist), then run a second forward/backward. Right after that backward,
 every live tensor storage in the process is summed (found through the garbage collector, deduplicated by
 storage): model parameters (or their ZeRO-3 shards), gradients / gradient partitions and buckets, fp32
@@ -88,7 +88,7 @@ def _worker(rank: int, world: int, port: int, stage: int, size: str, img_size: i
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from ssfer_dist.config import OptimCfg, TrainCfg
-    from ssfer_dist.dist.engine import build_engine, build_optimizer, ds_config
+    from ssfer_dist.distributed.engine import build_engine, build_optimizer, ds_config
     from ssfer_dist.models.classifier import param_groups
     from ssfer_dist.models.mae import build_mae
 

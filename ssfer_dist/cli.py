@@ -27,7 +27,7 @@ def _add_run(sub) -> None:
 
 
 def _cmd_run(a) -> int:
-    from ssfer_dist.dist.launch import run_from_cli
+    from ssfer_dist.distributed.launch import run_from_cli
 
     return run_from_cli(a.config, a.overrides, dry_run=a.dry_run)
 
@@ -41,7 +41,7 @@ def _add_pipeline(sub) -> None:
 
 
 def _cmd_pipeline(a) -> int:
-    from ssfer_dist.dist.launch import pipeline_from_cli
+    from ssfer_dist.distributed.launch import pipeline_from_cli
 
     return pipeline_from_cli(a.config, a.overrides, dry_run=a.dry_run)
 

@@ -7,7 +7,7 @@
 2. The shard builder (``sharding.build.run_build`` — what ``ssfer-shard build`` runs) shards both;
    ``sharding.split.split_shards`` (``ssfer-shard split``) keeps a small labeled fraction per class and
    turns the rest of the FER train set into the unlabeled remainder.
-3. Four training runs through ``ssfer_dist.dist.launch.run_stage`` (what ``ssfer run`` runs: Ray Train
+3. Four training runs through ``ssfer_dist.distributed.launch.run_stage`` (what ``ssfer run`` runs: Ray Train
    TorchTrainer + DeepSpeed ZeRO-2 on CPU, 2 gloo workers): MAE pretraining on the unlabeled faces;
    FaceMix fine-tuning of the MAE encoder on the labeled fraction; semi-supervised fine-tuning (EMA
    teacher, fixed threshold) on labeled + unlabeled; and a supervised-from-scratch baseline with the
@@ -158,7 +158,7 @@ def _prepare_out(out: str) -> None:
 def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
              plan: Optional[DemoPlan] = None) -> Dict[str, Any]:
     """Run the whole demo for one seed; returns the summary (also written to ``report-s<seed>/summary.json``)."""
-    from ssfer_dist.dist.launch import run_stage
+    from ssfer_dist.distributed.launch import run_stage
     from ssfer_dist.evaluate import evaluate_shards, write_outputs
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -41,7 +41,7 @@ def _metrics(run_url, name="metrics.jsonl"):
 
 
 def test_mae_zero2_on_s3_loss_falls(ray_local, shards, s3_bucket):
-    from ssfer_dist.dist.launch import run_stage
+    from ssfer_dist.distributed.launch import run_stage
 
     cfg = _cfg("mae-z2", shards, f"{s3_bucket}/runs", ["train.zero_stage=2", "train.log_every=5"])
     res = run_stage(cfg)
@@ -68,7 +68,7 @@ def test_mae_zero2_on_s3_loss_falls(ray_local, shards, s3_bucket):
 
 
 def test_mae_zero3_survives_a_killed_worker(ray_local, shards, tmp_path):
-    from ssfer_dist.dist.launch import run_stage
+    from ssfer_dist.distributed.launch import run_stage
 
     marker = tmp_path / "fault.marker"
     cfg = _cfg("mae-z3", shards, str(tmp_path / "runs"),
@@ -95,7 +95,7 @@ def test_mae_zero3_survives_a_killed_worker(ray_local, shards, tmp_path):
 
 
 def test_rerun_with_same_name_resumes(ray_local, shards, tmp_path):
-    from ssfer_dist.dist.launch import run_stage
+    from ssfer_dist.distributed.launch import run_stage
 
     marker = tmp_path / "fault.marker"
     ov = ["train.zero_stage=2", "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=8",
@@ -118,7 +118,7 @@ def test_rerun_with_same_name_resumes(ray_local, shards, tmp_path):
 
 
 def test_three_debug_stages_chain_through_exports(ray_local, shards, tmp_path):
-    from ssfer_dist.dist.launch import run_pipeline
+    from ssfer_dist.distributed.launch import run_pipeline
     from ssfer_dist.models.io import classifier_from_weights, load_weights
 
     ov = [f"storage={tmp_path / 'runs'}",
@@ -164,12 +164,12 @@ def test_bad_inputs_fail_before_any_worker(shards, tmp_path, s3_server, monkeypa
     shutil.copytree(shards["fr"], broken)
     os.remove(sorted(broken.glob("*.tar"))[1])
     with pytest.raises(UserError, match=r"data.shards: shard .*fr-000001.tar .* is missing"):
-        from ssfer_dist.dist.launch import preflight
+        from ssfer_dist.distributed.launch import preflight
 
         preflight(load_config(os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"), [f"data.shards={broken}"]))
     assert main(base + ["--set", f"data.shards={broken}"]) == 2
     # FlexMatch over more unlabeled samples than its dense per-sample state allows
-    import ssfer_dist.dist.launch as launch
+    import ssfer_dist.distributed.launch as launch
 
     semi = [f"data.shards={shards['labeled']}", f"data.unlabeled=[{{shards: {shards['fr']}}}]",
             "semisup.threshold.kind=flexmatch", "init.weights=null"]

@@ -26,7 +26,7 @@ def _engine(stage: int, patched: bool, precision: str = "fp32"):
     import deepspeed
 
     from ssfer_dist.config import OptimCfg, TrainCfg
-    from ssfer_dist.dist.engine import build_engine, build_optimizer, ds_config
+    from ssfer_dist.distributed.engine import build_engine, build_optimizer, ds_config
     from ssfer_dist.models.classifier import param_groups
     from ssfer_dist.models.mae import build_mae
 
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, q) -> None:
     torch.set_num_threads(1)
     import logging
 
-    from ssfer_dist.dist.engine import consolidated_state_dict
+    from ssfer_dist.distributed.engine import consolidated_state_dict
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)

@@ -21,8 +21,8 @@ import torch
 
 from ssfer_dist import storage
 from ssfer_dist.config import Config, from_dict
-from ssfer_dist.dist import checkpoint as ckpt_mod
-from ssfer_dist.dist.engine import (build_engine, build_optimizer, consolidated_state_dict, ds_config,
+from ssfer_dist.distributed import checkpoint as ckpt_mod
+from ssfer_dist.distributed.engine import (build_engine, build_optimizer, consolidated_state_dict, ds_config,
                                     gather_ctx, set_lr)
 from ssfer_dist.train.schedule import lr_at
 from ssfer_dist.train.state import TrainState

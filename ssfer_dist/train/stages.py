@@ -15,7 +15,7 @@ from torch import nn
 from ssfer_dist.config import Config
 from ssfer_dist.data.pipeline import Source, StreamSpec, View, stage_views
 from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
-from ssfer_dist.dist.engine import engine_dtype
+from ssfer_dist.distributed.engine import engine_dtype
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
