@@ -1,7 +1,7 @@
 """cluster/: KubeRay manifests, Kustomize overlays, the Secret template and the training image.
 
 Every manifest (the base and each overlay, rendered the way ``kubectl kustomize`` renders them) is
-validated against the KubeRay CRD schemas in ``../shared/schemas/kuberay`` (jsonschema on the v1
+validated against the KubeRay CRD schemas carried in ``cluster/crds/`` (jsonschema on the v1
 ``openAPIV3Schema``, unknown fields rejected wherever the schema lists ``properties``), built-in kinds
 and every embedded pod template with ``kubernetes-validate --strict``; every RayJob entrypoint names a
 config in ``configs/`` that loads with its ``--set`` overrides; the Dockerfile installs the package
@@ -24,12 +24,9 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "cluster")
-# KubeRay's published CRDs (1.7.0): $SSFER_KUBERAY_CRDS, else ../shared/schemas/kuberay beside the checkout,
-# else the team's shared folder (CI clones elsewhere on the same machine).
-_CRD_CANDIDATES = [os.environ.get("SSFER_KUBERAY_CRDS", ""), os.path.join(ROOT, "..", "shared", "schemas", "kuberay"),
-                   "/work/shared/schemas/kuberay"]
-CRD_DIR = next((os.path.normpath(p) for p in _CRD_CANDIDATES
-                if p and os.path.exists(os.path.join(p, "ray.io_rayjobs.yaml"))), os.path.normpath(_CRD_CANDIDATES[1]))
+# KubeRay's published CRDs (1.7.0, trimmed to the v1 schemas; see cluster/crds/README.md), carried in the
+# repo so a fresh clone validates on its own; $SSFER_KUBERAY_CRDS points at another copy (.json or .yaml).
+CRD_DIR = os.environ.get("SSFER_KUBERAY_CRDS") or os.path.join(CLUSTER, "crds")
 K8S_VERSION = "1.32"
 SECRET_NAME = "ssfer-s3"
 CONFIGMAP_NAME = "ssfer-storage"
@@ -174,8 +171,9 @@ def _strict(schema):
 
 @functools.lru_cache(maxsize=None)
 def crd_validator(kind):
-    fname = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}[kind]
-    path = os.path.join(CRD_DIR, fname)
+    stem = {"RayJob": "ray.io_rayjobs", "RayCluster": "ray.io_rayclusters"}[kind]
+    path = next((os.path.join(CRD_DIR, stem + ext) for ext in (".json", ".yaml")
+                 if os.path.exists(os.path.join(CRD_DIR, stem + ext))), os.path.join(CRD_DIR, stem + ".json"))
     if not os.path.exists(path):
         pytest.fail(f"KubeRay CRD schema not found: {path} (set SSFER_KUBERAY_CRDS)")
     (crd,) = _load_docs(path)

@@ -266,6 +266,7 @@ def test_param_groups_layer_decay_and_no_decay():
     assert by_param[id(named["patch_embed.proj.weight"])]["lr_scale"] == 0.5 ** num_layers
     assert by_param[id(named["blocks.1.mlp.fc1.weight"])]["lr_scale"] == 0.5 ** (num_layers - 2)
     assert by_param[id(named["head.weight"])]["lr_scale"] == 1.0
+    assert by_param[id(named["norm.weight"])]["lr_scale"] == 0.5   # timm: final norm with the last block
     # a torch optimizer takes them as they are
     opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
     assert len(opt.param_groups) == len(groups)

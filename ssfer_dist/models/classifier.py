@@ -1,7 +1,7 @@
 """FER classifier: the (pretrained) ViT encoder + a linear head, and optimizer parameter groups."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -32,42 +32,32 @@ def build_classifier(size: str, img_size: int = 224, patch_size: int = 16, num_c
     return model
 
 
-def _layer_id(name: str, num_layers: int) -> int:
-    """0 for embeddings/tokens, i+1 for ``blocks.i``, ``num_layers`` for everything after the blocks."""
-    if name.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token", "dist_token")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_layers
+def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 1.0) -> List[Dict]:
+    """Optimizer parameter groups from timm: layer-wise lr decay and no weight decay on norms, biases,
+    position embeddings and tokens.
 
-
-def _is_no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name in NO_DECAY_NAMES
-
-
-def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 1.0,
-                 named_parameters: Optional[Iterable[Tuple[str, torch.nn.Parameter]]] = None) -> List[Dict]:
-    """Optimizer parameter groups: layer-wise lr decay and no weight decay on norms/biases/pos-embed/tokens.
-
-    Returns a list of dicts ``{"params": [...], "weight_decay": float, "lr_scale": float, "name": str}``
-    (plain torch optimizer groups; DeepSpeed accepts them, the lr schedule multiplies by ``lr_scale``).
-    Block ``i`` gets ``layer_decay ** (num_layers - (i + 1))`` with ``num_layers = depth + 1``; the
-    embeddings ``layer_decay ** num_layers``; head, final norm and the MAE decoder 1. Frozen parameters
-    (``requires_grad=False``, e.g. MAE's fixed position embeddings) are left out; empty groups are dropped.
-    Works for the classifier and for :class:`~ssfer_dist.models.mae.MAE` (use ``layer_decay=1``).
+    Returns plain torch optimizer groups ``{"params": [...], "weight_decay": float, "lr_scale": float}``
+    (DeepSpeed accepts them; the lr schedule multiplies by ``lr_scale``). With ``layer_decay != 1`` this is
+    ``timm.optim.param_groups_layer_decay`` on the ViT's own ``group_matcher``: embeddings get
+    ``layer_decay ** (depth + 1)``, block ``i`` ``layer_decay ** (depth - i)``, the head 1 (timm groups the
+    final ``norm`` with the last block). Otherwise ``timm.optim.param_groups_weight_decay`` with
+    ``lr_scale`` 1 — this also serves :class:`~ssfer_dist.models.mae.MAE`, which has no group matcher.
+    Frozen parameters (``requires_grad=False``, e.g. MAE's fixed position embeddings) are left out.
     """
-    named = list(named_parameters if named_parameters is not None else model.named_parameters())
-    depth = len(getattr(model, "blocks", [])) if hasattr(model, "blocks") else 0
-    num_layers = depth + 1
-    groups: Dict[str, Dict] = {}
-    for name, p in named:
-        if not p.requires_grad:
-            continue
-        lid = _layer_id(name, num_layers) if layer_decay != 1.0 else num_layers
-        no_decay = _is_no_decay(name, p)
-        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else float(weight_decay),
-                           "lr_scale": float(layer_decay ** (num_layers - lid)), "name": key}
-        groups[key]["params"].append(p)
-    return [g for g in groups.values() if g["params"]]
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    no_decay = [f"*{n}" for n in NO_DECAY_NAMES]
+    if layer_decay != 1.0:
+        if not hasattr(model, "group_matcher"):
+            raise UserError(f"layer_decay={layer_decay} needs a model with timm's group_matcher "
+                            f"({type(model).__name__} has none); use layer_decay 1.0")
+        groups = param_groups_layer_decay(model, weight_decay=float(weight_decay), no_weight_decay_list=no_decay,
+                                          layer_decay=float(layer_decay))
+    else:
+        groups = param_groups_weight_decay(model, weight_decay=float(weight_decay), no_weight_decay_list=no_decay)
+    out = []
+    for g in groups:
+        if g["params"]:
+            out.append({"params": g["params"], "weight_decay": float(g["weight_decay"]),
+                        "lr_scale": float(g.get("lr_scale", 1.0))})
+    return out
