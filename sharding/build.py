@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from sharding import manifest as mf
+from ssfer_dist.data import manifest as mf
 from sharding.process import ProcessOptions
 from sharding.sources import list_source
 from sharding.sources.base import CompactRecords, FaceRecord, Skipped
@@ -276,7 +276,7 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
         raise UserError(f"{cfg.input}: no usable samples for --split {cfg.split} "
                         f"({len(skipped_listing)} skipped while listing)")
     if cfg.detector != "none":
-        from sharding.detect import make_detector
+        from ssfer_dist.detect import make_detector
 
         make_detector(cfg.detector)  # fail fast (missing package) before any work
     storage.check_writable(cfg.output)

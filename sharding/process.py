@@ -249,7 +249,7 @@ def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_sour
     except Exception as e:
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     if box_source == "detect":
-        from sharding.detect import fallback_box
+        from ssfer_dist.detect import fallback_box
 
         faces = detector.detect(np.asarray(rgb))
         if faces:

@@ -14,7 +14,7 @@ import os
 import random
 from typing import Any, Dict, List, Set
 
-from sharding.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
+from ssfer_dist.data.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
 from sharding.verify import iter_tar_samples
 from sharding.writer import open_tar_writer, publish, tmp_path_for
 from ssfer_dist import storage

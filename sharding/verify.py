@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from sharding.manifest import class_hist_of, read_manifest
+from ssfer_dist.data.manifest import class_hist_of, read_manifest
 from ssfer_dist import storage
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, SampleMeta, decode_cls
 

@@ -25,7 +25,7 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from sharding.manifest import ShardInfo, class_hist_of
+from ssfer_dist.data.manifest import ShardInfo, class_hist_of
 from sharding.process import ProcessOptions, SkipSample, pixels_to_image, process_image
 from sharding.sources.base import FaceRecord
 from ssfer_dist import storage
@@ -314,7 +314,7 @@ def _detector(kind: str):
     if kind == "none":
         return None
     if kind not in _DETECTORS:
-        from sharding.detect import make_detector
+        from ssfer_dist.detect import make_detector
 
         _DETECTORS[kind] = make_detector(kind)
     return _DETECTORS[kind]

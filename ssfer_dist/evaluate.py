@@ -219,7 +219,7 @@ def evaluate_shards(weights: str, shards: str, batch_size: int = 128, use_ray: b
     (see :func:`confusion_metrics`, plus ``weights``, ``shards``, ``num_corrupt``)."""
     import torch
 
-    from sharding.manifest import read_manifest
+    from ssfer_dist.data.manifest import read_manifest
 
     model, meta = _load_model(weights)
     man = read_manifest(shards, with_index=False)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from sharding.manifest import read_manifest
+from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader, split_urls, stage_views
 from ssfer_dist.train.debugdata import face_images, write_debug_shards, write_shard_folder
 

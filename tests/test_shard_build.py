@@ -12,7 +12,7 @@ from PIL import Image
 
 import sharding.writer as writer_mod
 from sharding.cli import main as shard_main
-from sharding.manifest import read_manifest
+from ssfer_dist.data.manifest import read_manifest
 from sharding.split import split_shards
 from sharding.verify import verify
 from ssfer_dist import storage

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from sharding.build import BuildConfig, run_build
-from sharding.manifest import read_manifest
+from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.data.schema import SampleMeta
 from ssfer_dist.errors import UserError
 
@@ -304,7 +304,7 @@ def test_worker_pool_forks_only_without_python_threads():
 def test_detectors_find_a_real_face():
     from skimage import data
 
-    from sharding.detect import make_detector
+    from ssfer_dist.detect import make_detector
 
     img = data.astronaut()
     for kind in ("haar", "mtcnn"):

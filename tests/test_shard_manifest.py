@@ -1,7 +1,7 @@
 """Manifest API (contract 2): round trip, determinism, bad manifests."""
 import pytest
 
-from sharding.manifest import ShardInfo, read_manifest, write_manifest, manifest_bytes
+from ssfer_dist.data.manifest import ShardInfo, read_manifest, write_manifest, manifest_bytes
 from ssfer_dist.errors import UserError
 
 
