@@ -27,12 +27,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from ssfer_dist.data import manifest as mf
 from sharding.process import ProcessOptions
 from sharding.sources import list_source
 from sharding.sources.base import CompactRecords, FaceRecord, Skipped
 from sharding.writer import STATE_DIR, ShardPlan, WriterConfig, build_shard, check_done, info_from_dict
 from ssfer_dist import storage
+from ssfer_dist.data import manifest as mf
 from ssfer_dist.data.schema import REPORT_NAME
 from ssfer_dist.errors import UserError
 

@@ -9,10 +9,10 @@ from typing import List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
-from ssfer_dist.data.manifest import read_manifest
-from sharding.verify import iter_tar_samples
 from ssfer_dist import storage
+from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.data.schema import EXT_IMAGE, EXT_META, SampleMeta
+from ssfer_dist.data.tario import iter_tar_samples
 
 __all__ = ["inspect_shards", "contact_sheet", "summary"]
 

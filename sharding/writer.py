@@ -18,17 +18,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from ssfer_dist.data.manifest import ShardInfo, class_hist_of
 from sharding.process import ProcessOptions, SkipSample, pixels_to_image, process_image
 from sharding.sources.base import FaceRecord
 from ssfer_dist import storage
+from ssfer_dist.data.manifest import ShardInfo, class_hist_of
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, UNLABELED, encode_cls
 
 __all__ = ["ShardPlan", "WriterConfig", "build_shard", "load_record", "sidecar_url", "check_done", "sha256_file",

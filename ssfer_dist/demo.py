@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 # The demo is the application above both packages, and the one module of ssfer_dist that imports
 # sharding (tests/test_imports.py holds every other module to the one-way rule).
@@ -230,7 +230,7 @@ def format_comparison(summary: Dict[str, Any]) -> str:
               f"  MAE reconstructions {o['previews']}/",
               f"  TensorBoard         {o['tensorboard']}",
               f"  shards              {o['shards']}/",
-              f"timings (s): " + ", ".join(f"{k} {v}" for k, v in s["timings_s"].items())]
+              "timings (s): " + ", ".join(f"{k} {v}" for k, v in s["timings_s"].items())]
     return "\n".join(lines)
 
 

@@ -45,6 +45,21 @@ def test_resume_gives_the_same_batches(shards, lanes):
     assert [b["__key__"] for b in other] != [b["__key__"] for b in ref[:3]]
 
 
+def test_tool_reader_and_training_reader_see_the_same_samples(shards):
+    """data/tario.py (evaluate, verify, split, inspect) groups tar members as webdataset does (training)."""
+    import webdataset as wds
+
+    from ssfer_dist.data.tario import iter_url_samples
+
+    url = read_manifest(shards["labeled"]).shard_urls()[0]
+    ours = [(k, s) for k, s in iter_url_samples(url)]
+    theirs = [s for s in wds.tarfile_to_samples()(iter([{"url": url}]))]
+    assert len(ours) == len(theirs) > 0
+    for (k, s), t in zip(ours, theirs):
+        assert k == t["__key__"]
+        assert s == {ext: v for ext, v in t.items() if not ext.startswith("__")}
+
+
 def test_split_by_node_and_worker_is_disjoint():
     urls = [f"s{i}" for i in range(12)]
     parts = [split_urls(urls, r, 2, w, 3) for r in range(2) for w in range(3)]
