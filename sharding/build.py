@@ -47,7 +47,8 @@ FORMAT_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
-    """Everything ``ssfer-shard build`` takes (the CLI maps its flags 1:1 onto this)."""
+    """Everything ``ssfer-shard build`` takes, and the one place its defaults live: the CLI maps its flags
+    and the ``--spec`` YAML's keys 1:1 onto these fields (its help texts read the defaults from here)."""
 
     format: str
     input: str
@@ -65,7 +66,7 @@ class BuildConfig:
     jpeg_quality: int = 95
     box_scale: float = 1.25
     max_pixels: int = 64 * 1024 * 1024
-    use_ray: bool = False
+    ray: bool = False              # shard tasks on Ray (also when RAY_ADDRESS is set)
     progress: bool = True
 
 
@@ -344,7 +345,7 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
         raise UserError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1")
     if cfg.detector not in ("none", "haar", "mtcnn"):
         raise UserError(f"--detector {cfg.detector}: expected none, haar or mtcnn")
-    use_ray = cfg.use_ray or bool(os.environ.get("RAY_ADDRESS"))
+    use_ray = cfg.ray or bool(os.environ.get("RAY_ADDRESS"))
     pool = _WorkerPool(cfg.workers) if cfg.workers > 1 and not use_ray else None
     ok = False
     try:

@@ -183,7 +183,7 @@ def test_split_is_deterministic_and_byte_exact(tmp_path):
 def test_ray_build_matches_local(tmp_path, ray_local):
     root = make_image_folder(tmp_path / "ids", n_ids=2, per_id=5)
     local = build("image-folder", root, tmp_path / "local", seed=2)
-    rayrep = build("image-folder", root, tmp_path / "ray", seed=2, use_ray=True)
+    rayrep = build("image-folder", root, tmp_path / "ray", seed=2, ray=True)
     assert rayrep["num_shards"] == local["num_shards"] == 3
     ml, mr = read_manifest(str(tmp_path / "local")), read_manifest(str(tmp_path / "ray"))
     assert [s.sha256 for s in ml.shards] == [s.sha256 for s in mr.shards]
@@ -250,7 +250,7 @@ def test_max_shard_bytes_and_rec_plans(tmp_path):
 def test_ray_build_to_s3(tmp_path, ray_local, s3_bucket):
     root = make_rafdb(tmp_path / "raf", n_train=5)
     out = f"{s3_bucket}/ray-raf"
-    rep = build("rafdb", root, out, use_ray=True, samples_per_shard=2)
+    rep = build("rafdb", root, out, ray=True, samples_per_shard=2)
     assert rep["num_shards"] == 3 and rep["num_samples"] == 5
     assert verify(out)[0] == []
     assert sorted(n for n in storage.list_files(out) if n.endswith(".tar")) == \
