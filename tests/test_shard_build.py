@@ -273,3 +273,23 @@ def test_cli_workers_default_to_usable_cpus(tmp_path, monkeypatch, capsys):
     assert seen == [usable_cpus(), 3] and usable_cpus() >= 1
     assert shard_main(args + ["--workers", "0"]) == 2
     assert "--workers 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_spec_and_flags_fill_one_build_config(tmp_path, monkeypatch, capsys):
+    """--spec keys and flags map onto BuildConfig, whose defaults fill the rest; the spec is type-checked."""
+    import sharding.build
+
+    seen = []
+    monkeypatch.setattr(sharding.build, "run_build", lambda cfg: seen.append(cfg) or {
+        "num_samples": 0, "num_shards": 0, "num_skipped": 0, "skipped_by_reason": {}, "images_per_s": 0})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"format: rafdb\ninput: {tmp_path}\nimage-size: 64\nbox_scale: 2\nname: null\nray: true\n")
+    assert shard_main(["build", "--spec", str(spec), "--output", str(tmp_path / "o"), "--seed", "5",
+                       "--no-progress"]) == 0
+    cfg = seen[-1]
+    assert (cfg.image_size, cfg.box_scale, cfg.seed, cfg.ray, cfg.progress) == (64, 2.0, 5, True, False)
+    assert isinstance(cfg.box_scale, float) and cfg.name is None
+    assert cfg.jpeg_quality == sharding.build.BuildConfig.jpeg_quality      # the one default
+    spec.write_text("format: rafdb\nseed: true\n")
+    assert shard_main(["build", "--spec", str(spec)]) == 2
+    assert "spec.yaml: seed: expected int, got True" in capsys.readouterr().err
