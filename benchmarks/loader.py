@@ -53,9 +53,9 @@ def build_data(root: str, n: int, size: int = 112):
 
 
 def bench_decode_only(urls, n):
+    import numpy as np
     import webdataset as wds
     from PIL import Image
-    import numpy as np
 
     t = time.perf_counter()
     count = 0

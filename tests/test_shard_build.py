@@ -2,22 +2,21 @@
 inspect, split, Ray tasks."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
 
 import pytest
 from PIL import Image
+from test_shard_formats import build, make_image_folder, make_rafdb
 
 import sharding.writer as writer_mod
 from sharding.cli import main as shard_main
-from ssfer_dist.data.manifest import read_manifest
 from sharding.split import split_shards
 from sharding.verify import verify
 from ssfer_dist import storage
+from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.data.schema import SampleMeta
-from test_shard_formats import build, make_image_folder, make_rafdb
 
 
 def _shard_files(folder):
@@ -233,7 +232,7 @@ def test_real_sigkill_then_resume(tmp_path):
 
 
 def test_max_shard_bytes_and_rec_plans(tmp_path):
-    from test_shard_formats import make_rec, rec_payload, img_bytes
+    from test_shard_formats import img_bytes, make_rec, rec_payload
 
     recs = [(k, rec_payload(k % 3, img_bytes(seed=k))) for k in range(12)]
     rec = make_rec(tmp_path / "r", recs, 3)
