@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 
 def build_data(root: str, n: int, size: int = 112):
-    from sharding.manifest import read_manifest
+    from ssfer_dist.data.manifest import read_manifest
     from ssfer_dist.train.debugdata import face_images, write_shard_folder
 
     imgs = face_images(n, size, seed=1)
@@ -53,9 +53,9 @@ def build_data(root: str, n: int, size: int = 112):
 
 
 def bench_decode_only(urls, n):
+    import numpy as np
     import webdataset as wds
     from PIL import Image
-    import numpy as np
 
     t = time.perf_counter()
     count = 0
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="best of N per row")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from sharding.manifest import read_manifest
+    from ssfer_dist.data.manifest import read_manifest
 
     with tempfile.TemporaryDirectory() as root:
         shards, folder = build_data(root, a.images)

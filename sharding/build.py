@@ -27,12 +27,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from sharding import manifest as mf
 from sharding.process import ProcessOptions
 from sharding.sources import list_source
 from sharding.sources.base import CompactRecords, FaceRecord, Skipped
 from sharding.writer import STATE_DIR, ShardPlan, WriterConfig, build_shard, check_done, info_from_dict
 from ssfer_dist import storage
+from ssfer_dist.data import manifest as mf
 from ssfer_dist.data.schema import REPORT_NAME
 from ssfer_dist.errors import UserError
 
@@ -47,7 +47,8 @@ FORMAT_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
-    """Everything ``ssfer-shard build`` takes (the CLI maps its flags 1:1 onto this)."""
+    """Everything ``ssfer-shard build`` takes, and the one place its defaults live: the CLI maps its flags
+    and the ``--spec`` YAML's keys 1:1 onto these fields (its help texts read the defaults from here)."""
 
     format: str
     input: str
@@ -65,7 +66,7 @@ class BuildConfig:
     jpeg_quality: int = 95
     box_scale: float = 1.25
     max_pixels: int = 64 * 1024 * 1024
-    use_ray: bool = False
+    ray: bool = False              # shard tasks on Ray (also when RAY_ADDRESS is set)
     progress: bool = True
 
 
@@ -276,7 +277,7 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
         raise UserError(f"{cfg.input}: no usable samples for --split {cfg.split} "
                         f"({len(skipped_listing)} skipped while listing)")
     if cfg.detector != "none":
-        from sharding.detect import make_detector
+        from ssfer_dist.detect import make_detector
 
         make_detector(cfg.detector)  # fail fast (missing package) before any work
     storage.check_writable(cfg.output)
@@ -344,7 +345,7 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
         raise UserError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1")
     if cfg.detector not in ("none", "haar", "mtcnn"):
         raise UserError(f"--detector {cfg.detector}: expected none, haar or mtcnn")
-    use_ray = cfg.use_ray or bool(os.environ.get("RAY_ADDRESS"))
+    use_ray = cfg.ray or bool(os.environ.get("RAY_ADDRESS"))
     pool = _WorkerPool(cfg.workers) if cfg.workers > 1 and not use_ray else None
     ok = False
     try:

@@ -14,9 +14,13 @@ from ssfer_dist.errors import UserError, run_command
 __all__ = ["main", "build_parser"]
 
 
-_BUILD_DEFAULTS = dict(split="train", image_size=112, samples_per_shard=1000, max_shard_bytes=1 << 30, workers=None,
-                      seed=0, detector="none", num_classes=7, jpeg_quality=95, box_scale=1.25,
-                      max_pixels=64 * 1024 * 1024)
+def _default(field: str):
+    """A ``BuildConfig`` field's default (help texts only: unset flags stay None and BuildConfig applies it)."""
+    import dataclasses
+
+    from sharding.build import BuildConfig
+
+    return {f.name: f.default for f in dataclasses.fields(BuildConfig)}[field]
 
 
 def usable_cpus() -> int:
@@ -32,7 +36,7 @@ def usable_cpus() -> int:
 def _add_build(sub) -> None:
     from sharding.sources import FORMATS
 
-    d = _BUILD_DEFAULTS
+    d = _default
     p = sub.add_parser("build", help="turn a dataset into WebDataset shards + manifest.parquet + report.json")
     p.add_argument("--spec", default=None, help="YAML file with the same fields (flags given here override it)")
     p.add_argument("--format", choices=FORMATS, help="(required here or in --spec)")
@@ -40,39 +44,39 @@ def _add_build(sub) -> None:
     p.add_argument("--output", help="output folder or s3://bucket/prefix")
     p.add_argument("--split", choices=["train", "val", "test", "all"],
                    help=f"train | test | all (val: FER2013 PublicTest); ignored by image-folder and insightface-rec "
-                        f"(default {d['split']})")
-    p.add_argument("--image-size", type=int, help=f"stored square image side (default {d['image_size']})")
-    p.add_argument("--samples-per-shard", type=int, help=f"default {d['samples_per_shard']}")
+                        f"(default {d('split')})")
+    p.add_argument("--image-size", type=int, help=f"stored square image side (default {d('image_size')})")
+    p.add_argument("--samples-per-shard", type=int, help=f"default {d('samples_per_shard')}")
     p.add_argument("--max-shard-bytes", type=int,
-                   help="cut shards before this many bytes (estimated from source sizes; default 1 GiB)")
+                   help=f"cut shards before this many bytes (estimated from source sizes; "
+                        f"default {d('max_shard_bytes')})")
     p.add_argument("--workers", type=int,
                    help="worker processes on this machine (default: every CPU this process may use)")
-    p.add_argument("--seed", type=int, help="sample order seed; same seed -> identical shards (default 0)")
+    p.add_argument("--seed", type=int, help=f"sample order seed; same seed -> identical shards (default {d('seed')})")
     p.add_argument("--name", default=None, help="shard/key prefix (default: the dataset's name)")
     p.add_argument("--detector", choices=["none", "haar", "mtcnn"],
-                   help="face detector for images without boxes (default none: images are aligned face crops)")
-    p.add_argument("--num-classes", type=int, choices=[7, 8], help="AffectNet protocol (default 7)")
+                   help=f"face detector for images without boxes "
+                        f"(default {d('detector')}: images are aligned face crops)")
+    p.add_argument("--num-classes", type=int, choices=[7, 8], help=f"AffectNet protocol (default {d('num_classes')})")
     p.add_argument("--boxes", default=None, help="VGGFace2 loose_bb_*.csv for image-folder (auto-detected)")
-    p.add_argument("--jpeg-quality", type=int, help=f"default {d['jpeg_quality']}")
+    p.add_argument("--jpeg-quality", type=int, help=f"default {d('jpeg_quality')}")
     p.add_argument("--box-scale", type=float,
-                   help=f"crop side = box-scale x the face box's longer side (default {d['box_scale']})")
-    p.add_argument("--max-pixels", type=int, help="skip images larger than this (decompression-bomb guard; default 64 Mi)")
+                   help=f"crop side = box-scale x the face box's longer side (default {d('box_scale')})")
+    p.add_argument("--max-pixels", type=int,
+                   help=f"skip images of more pixels (decompression-bomb guard; default {d('max_pixels')})")
     p.add_argument("--ray", action="store_true", default=None,
                    help="run shard tasks on Ray (also when RAY_ADDRESS is set)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_cmd_build)
 
 
-_SPEC_FIELDS = ("format", "input", "output", "split", "image_size", "samples_per_shard", "max_shard_bytes", "workers",
-                "seed", "name", "detector", "num_classes", "boxes", "jpeg_quality", "box_scale", "max_pixels", "ray")
-
-
-_SPEC_TYPES = {"image_size": int, "samples_per_shard": int, "max_shard_bytes": int, "workers": int, "seed": int,
-               "num_classes": int, "jpeg_quality": int, "box_scale": float, "max_pixels": int, "ray": bool}
-
-
 def _load_spec(path: str) -> dict:
+    """The ``--spec`` YAML: a mapping of ``BuildConfig`` fields (``image-size`` or ``image_size``; null = the
+    default), type-checked by the same loader as the run config (``ssfer_dist.typed``)."""
     import yaml
+
+    from sharding.build import BuildConfig
+    from ssfer_dist.typed import ConfigError, convert_fields
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -83,28 +87,22 @@ def _load_spec(path: str) -> dict:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict):
         raise UserError(f"{path}: expected a mapping of build fields")
-    out = {}
-    for k, v in spec.items():
-        key = str(k).replace("-", "_")
-        if key not in _SPEC_FIELDS:
-            raise UserError(f"{path}: unknown field {k!r} (expected one of {', '.join(_SPEC_FIELDS)})")
-        want = _SPEC_TYPES.get(key, str)
-        if v is not None and not (isinstance(v, want) and not (want is int and isinstance(v, bool))):
-            if want is float and isinstance(v, int):
-                v = float(v)
-            else:
-                raise UserError(f"{path}: field {k!r} must be {want.__name__}, got {v!r}")
-        out[key] = v
-    return out
+    try:
+        return convert_fields(BuildConfig, {str(k).replace("-", "_"): v for k, v in spec.items() if v is not None})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _cmd_build(a) -> int:
+    import dataclasses
+
     from sharding.build import BuildConfig, run_build
 
-    merged = dict(_BUILD_DEFAULTS)
-    if a.spec:
-        merged.update(_load_spec(a.spec))
-    merged.update({k: getattr(a, k) for k in _SPEC_FIELDS if getattr(a, k, None) is not None})
+    merged = _load_spec(a.spec) if a.spec else {}
+    flags = {f.name for f in dataclasses.fields(BuildConfig)} - {"progress"}
+    merged.update({k: getattr(a, k) for k in flags if getattr(a, k) is not None})
+    if a.no_progress:
+        merged["progress"] = False
     missing = [f"--{k}" for k in ("format", "input", "output") if not merged.get(k)]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (give them as flags or in --spec)")
@@ -112,11 +110,7 @@ def _cmd_build(a) -> int:
         merged["workers"] = usable_cpus()
     elif merged["workers"] < 1:
         raise UserError(f"--workers {merged['workers']}: must be at least 1")
-    use_ray = bool(merged.pop("ray", False))
-    try:
-        cfg = BuildConfig(use_ray=use_ray, progress=not a.no_progress, **merged)
-    except TypeError as e:
-        raise UserError(f"build spec: {e}") from None
+    cfg = BuildConfig(**merged)
     from sharding.sources import FORMATS
 
     if cfg.format not in FORMATS:

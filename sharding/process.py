@@ -34,9 +34,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["ProcessOptions", "Processed", "SkipSample", "process_image", "crop_square", "to_rgb",
-           "pixels_to_image", "DEFAULT_MAX_PIXELS"]
+           "pixels_to_image"]
 
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 _EOI = b"\xff\xd9"
 
 Box4 = Tuple[float, float, float, float]
@@ -53,12 +52,12 @@ class SkipSample(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ProcessOptions:
-    """Options of the per-sample transform (one value per build)."""
+    """Options of the per-sample transform (one value per build; the defaults are ``build.BuildConfig``'s)."""
 
-    image_size: int = 112
-    jpeg_quality: int = 95
-    box_scale: float = 1.25
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_size: int
+    jpeg_quality: int
+    box_scale: float
+    max_pixels: int
 
 
 @dataclasses.dataclass
@@ -249,7 +248,7 @@ def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_sour
     except Exception as e:
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     if box_source == "detect":
-        from sharding.detect import fallback_box
+        from ssfer_dist.detect import fallback_box
 
         faces = detector.detect(np.asarray(rgb))
         if faces:

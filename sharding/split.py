@@ -14,11 +14,11 @@ import os
 import random
 from typing import Any, Dict, List, Set
 
-from sharding.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
-from sharding.verify import iter_tar_samples
 from sharding.writer import open_tar_writer, publish, tmp_path_for
 from ssfer_dist import storage
+from ssfer_dist.data.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
 from ssfer_dist.data.schema import EXT_CLASS, decode_cls
+from ssfer_dist.data.tario import iter_tar_samples
 from ssfer_dist.errors import UserError
 
 __all__ = ["split_shards", "choose_labeled"]

@@ -11,24 +11,18 @@ import hashlib
 import io
 import logging
 import tarfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from PIL import Image
 
-from sharding.manifest import class_hist_of, read_manifest
 from ssfer_dist import storage
+from ssfer_dist.data.manifest import class_hist_of, read_manifest
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, SampleMeta, decode_cls
+from ssfer_dist.data.tario import iter_tar_samples
 
-__all__ = ["verify", "iter_tar_samples", "split_member_name"]
+__all__ = ["verify"]
 
 log = logging.getLogger(__name__)
-
-
-def split_member_name(name: str) -> Tuple[str, str]:
-    """``"a/b.c.d" -> ("a/b", "c.d")`` — WebDataset's key/extension split (first dot of the basename)."""
-    d, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext
 
 
 class _HashingReader(io.RawIOBase):
@@ -55,25 +49,6 @@ class _HashingReader(io.RawIOBase):
                 return
             self.h.update(d)
             self.n += len(d)
-
-
-def iter_tar_samples(fileobj):
-    """Yield ``(key, {ext: bytes})`` from a tar stream, grouping consecutive members by key."""
-    key: Optional[str] = None
-    sample: Dict[str, bytes] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            k, ext = split_member_name(m.name)
-            data = tf.extractfile(m).read()
-            if k != key and key is not None:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext] = data
-    if key is not None:
-        yield key, sample
 
 
 def _check_sample(key: str, s: Dict[str, bytes], num_classes: int, size: int) -> Tuple[List[str], int]:

@@ -18,17 +18,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from sharding.manifest import ShardInfo, class_hist_of
 from sharding.process import ProcessOptions, SkipSample, pixels_to_image, process_image
 from sharding.sources.base import FaceRecord
 from ssfer_dist import storage
+from ssfer_dist.data.manifest import ShardInfo, class_hist_of
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, UNLABELED, encode_cls
 
 __all__ = ["ShardPlan", "WriterConfig", "build_shard", "load_record", "sidecar_url", "check_done", "sha256_file",
@@ -314,7 +313,7 @@ def _detector(kind: str):
     if kind == "none":
         return None
     if kind not in _DETECTORS:
-        from sharding.detect import make_detector
+        from ssfer_dist.detect import make_detector
 
         _DETECTORS[kind] = make_detector(kind)
     return _DETECTORS[kind]
@@ -380,27 +379,9 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
         if os.path.exists(tmp):
             os.unlink(tmp)
     result = {"shard": _info_dict(info), "skipped": skipped, "counts": counts, "fingerprint": plan.fingerprint}
-    _put_sidecar(sidecar_url(cfg.output, plan.name), json.dumps(result, sort_keys=True).encode())
+    # not fsynced: a sidecar lost in a crash only means its shard is rebuilt (check_done re-checks it)
+    storage.put_bytes(sidecar_url(cfg.output, plan.name), json.dumps(result, sort_keys=True).encode(), durable=False)
     return result
-
-
-def _put_sidecar(url: str, data: bytes) -> None:
-    """Atomic write of a sidecar. Local: temp + rename without fsync (a sidecar lost in a crash only
-    means its shard is rebuilt: ``check_done`` re-checks name, size and sha256)."""
-    if storage.is_s3(url):
-        storage.put_bytes(url, data)
-        return
-    d = os.path.dirname(url)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, url)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _where(rec: FaceRecord) -> str:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
-from ssfer_dist.errors import UserError
+from ssfer_dist.typed import ConfigError
+from ssfer_dist.typed import build as _build
 
 __all__ = [
     "Config", "RunCfg", "ScalingCfg", "FailureCfg", "CheckpointCfg", "ModelCfg", "InitCfg", "DataCfg",
@@ -25,10 +25,6 @@ __all__ = [
     "PipelineCfg", "load_config", "load_pipeline", "from_dict", "to_dict", "apply_overrides", "derived",
     "ConfigError",
 ]
-
-
-class ConfigError(UserError):
-    """A config problem; the message starts with the file and key path."""
 
 
 Stage = Literal["mae", "facemix", "semisup"]
@@ -213,97 +209,6 @@ _Loader.add_implicit_resolver(
 
 def _yaml_load(text_or_stream):
     return yaml.load(text_or_stream, Loader=_Loader)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + "|".join(repr(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, List):
-        return "list"
-    if origin in (tuple, Tuple):
-        return f"list of {len(typing.get_args(tp))}"
-    if origin in (dict, Dict):
-        return "mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against type ``tp``; return the converted value or raise ConfigError(path)."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return _build(tp, value, path)
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, path)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        for a in typing.get_args(tp):
-            if value == a and type(value) is type(a):
-                return a
-        raise bad
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        (et,) = typing.get_args(tp)
-        return [_convert(v, et, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin in (tuple, Tuple):
-        ets = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(ets):
-            raise bad
-        return tuple(_convert(v, et, f"{path}[{i}]") for i, (v, et) in enumerate(zip(value, ets)))
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise bad
-        kt, vt = typing.get_args(tp)
-        return {_convert(k, kt, f"{path}.<key>"): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise ConfigError(f"{path}: unsupported type {tp}")
-
-
-def _build(cls: Any, data: Dict[str, Any], path: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            where = f"{path}.{k}" if path else str(k)
-            raise ConfigError(f"{where}: unknown key (expected one of: {', '.join(sorted(names))})")
-    kw = {}
-    for k, v in data.items():
-        kw[k] = _convert(v, hints[k], f"{path}.{k}" if path else k)
-    return cls(**kw)
 
 
 def to_dict(obj: Any) -> Any:

@@ -28,8 +28,12 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
+# The demo is the application above both packages, and the one module of ssfer_dist that imports
+# sharding (tests/test_imports.py holds every other module to the one-way rule).
+from sharding.build import BuildConfig, run_build
+from sharding.split import split_shards
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,8 +78,6 @@ def demo_plan(quick: bool) -> DemoPlan:
 
 def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str, str]:
     """Synthetic datasets → shard folders; returns the shard URLs by role."""
-    from sharding.build import BuildConfig, run_build
-    from sharding.split import split_shards
     from ssfer_dist import synth
 
     data = os.path.join(out, "data")
@@ -193,7 +195,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
                      "confusion_png": paths["confusion_png"], "metrics": paths["metrics"]}
     timings["evaluate"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
-    from sharding.manifest import read_manifest
+    from ssfer_dist.data.manifest import read_manifest
 
     summary = {
         "seed": seed, "quick": quick, "plan": dataclasses.asdict(plan), "rows": rows, "timings_s": timings,
@@ -228,7 +230,7 @@ def format_comparison(summary: Dict[str, Any]) -> str:
               f"  MAE reconstructions {o['previews']}/",
               f"  TensorBoard         {o['tensorboard']}",
               f"  shards              {o['shards']}/",
-              f"timings (s): " + ", ".join(f"{k} {v}" for k, v in s["timings_s"].items())]
+              "timings (s): " + ", ".join(f"{k} {v}" for k, v in s["timings_s"].items())]
     return "\n".join(lines)
 
 

@@ -16,17 +16,17 @@ import io
 import json
 import logging
 import os
-import tarfile
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ssfer_dist.data.tario import iter_url_samples
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["confusion_metrics", "evaluate_shards", "evaluate_cli", "write_outputs", "format_table",
-           "iter_shard_samples", "confusion_png"]
+           "confusion_png"]
 
 
 # ----------------------------------------------------------------------------- metrics (pure numpy)
@@ -106,38 +106,6 @@ def confusion_png(conf: np.ndarray, class_names: Sequence[str], path: str, title
 
 # ----------------------------------------------------------------------------- reading shards
 
-def iter_shard_samples(url: str) -> Iterator[Dict[str, bytes]]:
-    """Stream one tar shard (local or ``s3://``) as ``{"__key__": str, ext: bytes, ...}`` dicts."""
-    from ssfer_dist import storage
-
-    stream = storage.open_read(url)
-    try:
-        cur: Dict[str, Any] = {}
-        with tarfile.open(fileobj=stream, mode="r|") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                base = member.name
-                slash = base.rfind("/")
-                dot = base.find(".", slash + 1)
-                if dot < 0:
-                    continue
-                key, ext = base[:dot], base[dot + 1:]
-                if cur and cur["__key__"] != key:
-                    yield cur
-                    cur = {}
-                cur["__key__"] = key
-                f = tf.extractfile(member)
-                cur[ext] = f.read() if f is not None else b""
-        if cur:
-            yield cur
-    finally:
-        try:
-            stream.close()
-        except Exception:
-            pass
-
-
 def _load_model(weights: str):
     from ssfer_dist.models.io import classifier_from_weights, load_weights
 
@@ -154,10 +122,6 @@ def _shard_confusion(shard_url: str, weights_blob: bytes, num_classes: int, batc
     """Confusion matrix of one shard (runs in the driver or in a Ray task); returns (conf, corrupt)."""
     import tempfile
 
-    import torch
-
-    from ssfer_dist.data.schema import decode_cls
-    from ssfer_dist.data.transforms import build_transform
 
     with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as f:
         f.write(weights_blob)
@@ -193,7 +157,7 @@ def _confusion_with(model, meta, shard_url: str, num_classes: int, batch_size: i
         xs.clear()
         ys.clear()
 
-    for s in iter_shard_samples(shard_url):
+    for key, s in iter_url_samples(shard_url):
         try:
             y = decode_cls(s["cls"])
             img = Image.open(io.BytesIO(s["jpg"]))
@@ -201,7 +165,7 @@ def _confusion_with(model, meta, shard_url: str, num_classes: int, batch_size: i
             x, _ = tf(img.convert("RGB"), None)
         except Exception as e:  # corrupt samples are counted, not fatal
             corrupt += 1
-            log.warning("%s: skipping sample %s (%s)", shard_url, s.get("__key__"), type(e).__name__)
+            log.warning("%s: skipping sample %s (%s)", shard_url, key, type(e).__name__)
             continue
         if not 0 <= y < num_classes:
             corrupt += 1
@@ -219,7 +183,7 @@ def evaluate_shards(weights: str, shards: str, batch_size: int = 128, use_ray: b
     (see :func:`confusion_metrics`, plus ``weights``, ``shards``, ``num_corrupt``)."""
     import torch
 
-    from sharding.manifest import read_manifest
+    from ssfer_dist.data.manifest import read_manifest
 
     model, meta = _load_model(weights)
     man = read_manifest(shards, with_index=False)

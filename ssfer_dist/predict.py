@@ -1,5 +1,5 @@
 """``ssfer predict``: find faces in photos with the shard builder's offline detector
-(``sharding.detect.make_detector``), crop each with a margin, classify its expression.
+(``ssfer_dist.detect.make_detector``), crop each with a margin, classify its expression.
 
 Crop: a square centred on the detected box, side = ``(1 + margin)`` × the box's longer side (the same
 quantity as ``ssfer-shard build --box-scale``), resized to the model's input size, normalised with the
@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,7 +57,7 @@ class Predictor:
     """A classifier plus a detector: ``predict(PIL image) -> [(box, probabilities)]``."""
 
     def __init__(self, weights: str, detector: str = "haar", margin: float = 0.2):
-        from sharding.detect import make_detector
+        from ssfer_dist.detect import make_detector
         from ssfer_dist.evaluate import _load_model
 
         self.model, self.meta = _load_model(weights)

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import IO, Iterator, List, Optional, Tuple
+from typing import IO, Iterator, List, Tuple
 
 __all__ = [
     "StorageError",
@@ -32,7 +32,6 @@ __all__ = [
     "delete",
     "open_read",
     "check_writable",
-    "check_readable",
     "register_webdataset_s3",
 ]
 
@@ -202,17 +201,19 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def _atomic_local(path: str) -> Iterator[IO[bytes]]:
+def _atomic_local(path: str, durable: bool = True) -> Iterator[IO[bytes]]:
     """Write a local file under a temporary name in the same folder, then ``os.replace`` it into place:
-    readers see the old file or the whole new one, never a partial write."""
+    readers see the old file or the whole new one, never a partial write. ``durable``: fsync before the
+    rename (without it a crash may lose the new file, never tear it)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; published files get the usual mode
         os.replace(tmp, path)
     except BaseException:
@@ -221,8 +222,8 @@ def _atomic_local(path: str) -> Iterator[IO[bytes]]:
         raise
 
 
-def put_bytes(url: str, data: bytes) -> None:
-    """Write ``data`` atomically to ``url``."""
+def put_bytes(url: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` atomically to ``url`` (``durable``: see :func:`_atomic_local`; S3 puts always are)."""
     if is_s3(url):
         if len(data) >= MULTIPART_THRESHOLD:
             put_stream(io.BytesIO(data), url)
@@ -233,7 +234,7 @@ def put_bytes(url: str, data: bytes) -> None:
         except Exception as e:
             raise _s3_error(url, e) from e
         return
-    with _atomic_local(url) as f:
+    with _atomic_local(url, durable) as f:
         f.write(data)
 
 
@@ -315,24 +316,6 @@ def check_writable(url: str) -> None:
         raise StorageError(f"{url}: not writable ({e.strerror or e})") from e
 
 
-def check_readable(url: str) -> None:
-    """Fail fast when ``url`` (an object/file) does not exist or cannot be read."""
-    try:
-        ok = exists(url)
-    except StorageError:
-        raise
-    if not ok:
-        raise StorageError(f"{url}: does not exist")
-
-
-def iter_chunks(stream: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
-    while True:
-        b = stream.read(size)
-        if not b:
-            return
-        yield b
-
-
 def register_webdataset_s3() -> None:
     """Register an ``s3://`` opener with ``webdataset.gopen_schemes`` (boto3 streaming GET).
 
@@ -374,7 +357,3 @@ class _ReadStream(io.RawIOBase):
             self._body.close()
         finally:
             super().close()
-
-
-def local_path_or_none(url: str) -> Optional[str]:
-    return None if is_s3(url) else url

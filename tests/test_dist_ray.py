@@ -14,9 +14,9 @@ import os
 
 import pytest
 
-from sharding.manifest import read_manifest
 from ssfer_dist import storage
 from ssfer_dist.config import load_config
+from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.errors import UserError
 from ssfer_dist.train.debugdata import write_debug_shards
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -52,7 +51,7 @@ def rafdb_shards(tmp_path_factory):
 def _independent_confusion(model, shards):
     import webdataset as wds
 
-    from sharding.manifest import read_manifest
+    from ssfer_dist.data.manifest import read_manifest
 
     urls = read_manifest(shards).shard_urls()
     conf = np.zeros((7, 7), np.int64)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from sharding.manifest import read_manifest
+from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader, split_urls, stage_views
 from ssfer_dist.train.debugdata import face_images, write_debug_shards, write_shard_folder
 
@@ -43,6 +43,21 @@ def test_resume_gives_the_same_batches(shards, lanes):
     # a different rank reads different samples
     other = _take(_stream(urls, rank=1, lanes=lanes), lanes, 3)
     assert [b["__key__"] for b in other] != [b["__key__"] for b in ref[:3]]
+
+
+def test_tool_reader_and_training_reader_see_the_same_samples(shards):
+    """data/tario.py (evaluate, verify, split, inspect) groups tar members as webdataset does (training)."""
+    import webdataset as wds
+
+    from ssfer_dist.data.tario import iter_url_samples
+
+    url = read_manifest(shards["labeled"]).shard_urls()[0]
+    ours = [(k, s) for k, s in iter_url_samples(url)]
+    theirs = [s for s in wds.tarfile_to_samples()(iter([{"url": url}]))]
+    assert len(ours) == len(theirs) > 0
+    for (k, s), t in zip(ours, theirs):
+        assert k == t["__key__"]
+        assert s == {ext: v for ext, v in t.items() if not ext.startswith("__")}
 
 
 def test_split_by_node_and_worker_is_disjoint():

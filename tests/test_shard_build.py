@@ -2,22 +2,21 @@
 inspect, split, Ray tasks."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
 
 import pytest
 from PIL import Image
+from test_shard_formats import build, make_image_folder, make_rafdb
 
 import sharding.writer as writer_mod
 from sharding.cli import main as shard_main
-from sharding.manifest import read_manifest
 from sharding.split import split_shards
 from sharding.verify import verify
 from ssfer_dist import storage
+from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.data.schema import SampleMeta
-from test_shard_formats import build, make_image_folder, make_rafdb
 
 
 def _shard_files(folder):
@@ -183,7 +182,7 @@ def test_split_is_deterministic_and_byte_exact(tmp_path):
 def test_ray_build_matches_local(tmp_path, ray_local):
     root = make_image_folder(tmp_path / "ids", n_ids=2, per_id=5)
     local = build("image-folder", root, tmp_path / "local", seed=2)
-    rayrep = build("image-folder", root, tmp_path / "ray", seed=2, use_ray=True)
+    rayrep = build("image-folder", root, tmp_path / "ray", seed=2, ray=True)
     assert rayrep["num_shards"] == local["num_shards"] == 3
     ml, mr = read_manifest(str(tmp_path / "local")), read_manifest(str(tmp_path / "ray"))
     assert [s.sha256 for s in ml.shards] == [s.sha256 for s in mr.shards]
@@ -233,7 +232,7 @@ def test_real_sigkill_then_resume(tmp_path):
 
 
 def test_max_shard_bytes_and_rec_plans(tmp_path):
-    from test_shard_formats import make_rec, rec_payload, img_bytes
+    from test_shard_formats import img_bytes, make_rec, rec_payload
 
     recs = [(k, rec_payload(k % 3, img_bytes(seed=k))) for k in range(12)]
     rec = make_rec(tmp_path / "r", recs, 3)
@@ -250,7 +249,7 @@ def test_max_shard_bytes_and_rec_plans(tmp_path):
 def test_ray_build_to_s3(tmp_path, ray_local, s3_bucket):
     root = make_rafdb(tmp_path / "raf", n_train=5)
     out = f"{s3_bucket}/ray-raf"
-    rep = build("rafdb", root, out, use_ray=True, samples_per_shard=2)
+    rep = build("rafdb", root, out, ray=True, samples_per_shard=2)
     assert rep["num_shards"] == 3 and rep["num_samples"] == 5
     assert verify(out)[0] == []
     assert sorted(n for n in storage.list_files(out) if n.endswith(".tar")) == \
@@ -273,3 +272,23 @@ def test_cli_workers_default_to_usable_cpus(tmp_path, monkeypatch, capsys):
     assert seen == [usable_cpus(), 3] and usable_cpus() >= 1
     assert shard_main(args + ["--workers", "0"]) == 2
     assert "--workers 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_spec_and_flags_fill_one_build_config(tmp_path, monkeypatch, capsys):
+    """--spec keys and flags map onto BuildConfig, whose defaults fill the rest; the spec is type-checked."""
+    import sharding.build
+
+    seen = []
+    monkeypatch.setattr(sharding.build, "run_build", lambda cfg: seen.append(cfg) or {
+        "num_samples": 0, "num_shards": 0, "num_skipped": 0, "skipped_by_reason": {}, "images_per_s": 0})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"format: rafdb\ninput: {tmp_path}\nimage-size: 64\nbox_scale: 2\nname: null\nray: true\n")
+    assert shard_main(["build", "--spec", str(spec), "--output", str(tmp_path / "o"), "--seed", "5",
+                       "--no-progress"]) == 0
+    cfg = seen[-1]
+    assert (cfg.image_size, cfg.box_scale, cfg.seed, cfg.ray, cfg.progress) == (64, 2.0, 5, True, False)
+    assert isinstance(cfg.box_scale, float) and cfg.name is None
+    assert cfg.jpeg_quality == sharding.build.BuildConfig.jpeg_quality      # the one default
+    spec.write_text("format: rafdb\nseed: true\n")
+    assert shard_main(["build", "--spec", str(spec)]) == 2
+    assert "spec.yaml: seed: expected int, got True" in capsys.readouterr().err

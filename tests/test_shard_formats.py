@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from sharding.build import BuildConfig, run_build
-from sharding.manifest import read_manifest
+from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.data.schema import SampleMeta
 from ssfer_dist.errors import UserError
 
@@ -304,7 +304,7 @@ def test_worker_pool_forks_only_without_python_threads():
 def test_detectors_find_a_real_face():
     from skimage import data
 
-    from sharding.detect import make_detector
+    from ssfer_dist.detect import make_detector
 
     img = data.astronaut()
     for kind in ("haar", "mtcnn"):
@@ -448,7 +448,11 @@ def test_cli_structural_error_keeps_existing_output(tmp_path):
     spec.write_text("format: rafdb\nimage_size: big\n")
     bad = subprocess.run([sys.executable, "-m", "sharding", "build", "--spec", str(spec)], capture_output=True,
                          text=True, env=env)
-    assert bad.returncode == 2 and "spec.yaml: field 'image_size' must be int" in bad.stderr
+    assert bad.returncode == 2 and "spec.yaml: image_size: expected int, got 'big'" in bad.stderr
+    spec.write_text("format: rafdb\nimage_sise: 64\n")
+    bad = subprocess.run([sys.executable, "-m", "sharding", "build", "--spec", str(spec)], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and "spec.yaml: image_sise: unknown key (expected one of: " in bad.stderr
 
 
 def test_all_samples_bad_is_an_error_with_a_report(tmp_path):

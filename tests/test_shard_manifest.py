@@ -1,7 +1,7 @@
 """Manifest API (contract 2): round trip, determinism, bad manifests."""
 import pytest
 
-from sharding.manifest import ShardInfo, read_manifest, write_manifest, manifest_bytes
+from ssfer_dist.data.manifest import ShardInfo, manifest_bytes, read_manifest, write_manifest
 from ssfer_dist.errors import UserError
 
 
@@ -45,7 +45,7 @@ def test_tar_writer_matches_tarfile_and_meta_json_matches_schema():
     import io
     import tarfile
 
-    from sharding.writer import SampleTarWriter, TAR_USER, meta_json
+    from sharding.writer import TAR_USER, SampleTarWriter, meta_json
     from ssfer_dist.data.schema import SampleMeta
 
     samples = [{"__key__": "ds/a/b", "jpg": b"x" * 1000, "json": b"{}", "cls": b"3"},

@@ -33,7 +33,8 @@ NUM_CLASSES_7 = 7
 NUM_CLASSES_8 = 8
 UNLABELED = -1
 
-# Face normalisation shared by all stages (METHOD.md).
+# Per-channel RGB mean/std (on 0..1 pixels) of face crops, used to normalise the input of every stage
+# (pretraining, fine-tuning, evaluation, predict) and stored in exported weights.
 FACE_MEAN: Tuple[float, float, float] = (0.588, 0.459, 0.402)
 FACE_STD: Tuple[float, float, float] = (0.228, 0.202, 0.190)
 

@@ -54,7 +54,7 @@ def _abs_storage(url: str) -> str:
 
 
 def _read_manifest(url: str, key: str):
-    from sharding.manifest import read_manifest
+    from ssfer_dist.data.manifest import read_manifest
 
     try:
         return read_manifest(url, with_index=False)

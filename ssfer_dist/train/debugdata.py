@@ -1,6 +1,6 @@
 """Tiny shard folders for the debug configs and tests (real faces from scikit-image, class-coded tints).
 
-``write_debug_shards(root)`` writes, following ``ssfer_dist.data.schema`` and ``sharding.manifest``:
+``write_debug_shards(root)`` writes, following ``ssfer_dist.data.schema`` and ``ssfer_dist.data.manifest``:
 
 - ``root/fr``              unlabeled "face recognition" shards (MAE pretraining, unlabeled stream);
 - ``root/fer/labeled``     labeled FER shards (7 classes);
@@ -61,7 +61,7 @@ def write_shard_folder(folder: str, images: List[np.ndarray], classes: List[int]
     import webdataset as wds
     from PIL import Image
 
-    from sharding.manifest import ShardInfo, class_hist_of, write_manifest
+    from ssfer_dist.data.manifest import ShardInfo, class_hist_of, write_manifest
 
     storage.ensure_dir(folder) if storage.is_s3(folder) else os.makedirs(folder, exist_ok=True)
     shards = []
