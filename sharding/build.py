@@ -272,7 +272,9 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
                           boxes=cfg.boxes, map_fn=pool.map if pool is not None else None)
     name = cfg.name or listing.dataset
     skipped_listing = list(listing.skipped)
-    records = listing.records if isinstance(listing.records, CompactRecords) else _dedupe(listing.records, skipped_listing)
+    records = listing.records
+    if not isinstance(records, CompactRecords):
+        records = _dedupe(records, skipped_listing)
     if not len(records):
         raise UserError(f"{cfg.input}: no usable samples for --split {cfg.split} "
                         f"({len(skipped_listing)} skipped while listing)")

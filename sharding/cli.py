@@ -176,7 +176,8 @@ def _cmd_split(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssfer-shard", description="ssfer-shard: build | verify | inspect | split WebDataset face shards")
+    parser = argparse.ArgumentParser(prog="ssfer-shard",
+                                     description="ssfer-shard: build | verify | inspect | split WebDataset face shards")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_build, _add_verify, _add_inspect, _add_split):

@@ -79,7 +79,8 @@ class _RollingWriter:
         url = storage.join(self.folder, name)
         try:
             info = ShardInfo(name=name, url=url, num_samples=len(self._keys), num_bytes=self._w.offset,
-                             sha256=self._w.sha256.hexdigest(), class_hist=class_hist_of(self._classes, self.num_classes),
+                             sha256=self._w.sha256.hexdigest(),
+                             class_hist=class_hist_of(self._classes, self.num_classes),
                              keys=self._keys, classes=self._classes)
             publish(self._tmp, url)
         finally:

@@ -64,7 +64,8 @@ def _check_sample(key: str, s: Dict[str, bytes], num_classes: int, size: int) ->
             img = Image.open(io.BytesIO(s[EXT_IMAGE]))
             img.load()
             if img.format != "JPEG" or img.mode != "RGB" or img.size != (size, size):
-                probs.append(f"jpg is {img.format} {img.mode} {img.size[0]}x{img.size[1]}, expected JPEG RGB {size}x{size}")
+                probs.append(f"jpg is {img.format} {img.mode} {img.size[0]}x{img.size[1]}, "
+                             f"expected JPEG RGB {size}x{size}")
         except Exception as e:
             probs.append(f"jpg does not decode ({type(e).__name__}: {e})")
     if num_classes > 0:
@@ -133,5 +134,6 @@ def verify(url: str) -> Tuple[List[str], Dict[str, Any]]:
         elif keys != sh.keys:
             problems.append(f"{where}: sample keys differ from the manifest index")
         if m.num_classes and class_hist_of(classes, m.num_classes) != list(sh.class_hist):
-            problems.append(f"{where}: class histogram {class_hist_of(classes, m.num_classes)} != manifest {sh.class_hist}")
+            hist = class_hist_of(classes, m.num_classes)
+            problems.append(f"{where}: class histogram {hist} != manifest {sh.class_hist}")
     return problems, {"num_shards": len(m.shards), "num_samples": total}

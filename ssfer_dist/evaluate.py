@@ -94,7 +94,8 @@ def confusion_png(conf: np.ndarray, class_names: Sequence[str], path: str, title
         d.text((left + i * cell + 2, top - 16), class_names[i][:9], fill="black", font=font)
         for j in range(n):
             v = frac[i, j]
-            shade = (int(255 - 200 * v), int(255 - 140 * v), 255) if i == j else (255, int(255 - 200 * v), int(255 - 200 * v))
+            fade = int(255 - 200 * v)
+            shade = (fade, int(255 - 140 * v), 255) if i == j else (255, fade, fade)
             x0, y0 = left + j * cell, top + i * cell
             d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=shade, outline=(160, 160, 160))
             d.text((x0 + 6, y0 + cell // 2 - 6), str(int(c[i, j])), fill="black", font=font)

@@ -65,7 +65,8 @@ def export_weights(weights: str, fmt: str, out: Optional[str] = None) -> str:
             import warnings
 
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the format users load
+                # torch.jit is deprecated but still the format users load
+                warnings.simplefilter("ignore", FutureWarning)
                 traced = torch.jit.trace(model, dummy, check_trace=False)
                 torch.jit.save(traced, tmp, _extra_files={"ssfer.json": mj})
         os.replace(tmp, out)

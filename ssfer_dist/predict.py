@@ -3,7 +3,8 @@
 
 Crop: a square centred on the detected box, side = ``(1 + margin)`` × the box's longer side (the same
 quantity as ``ssfer-shard build --box-scale``), resized to the model's input size, normalised with the
-mean/std stored in the weights. ``--detector none`` classifies the whole image as one face, uncropped (for aligned crops).
+mean/std stored in the weights. ``--detector none`` classifies the whole image as one face, uncropped
+(for aligned crops).
 
 Outputs: a table on stdout, or ``--json`` lines ``{"image", "face", "box", "label", "score",
 "probabilities"}``; ``--annotate DIR`` writes ``DIR/<image stem>.png`` with boxes and labels drawn.

@@ -18,6 +18,8 @@ import tempfile
 import threading
 from typing import IO, Iterator, List, Tuple
 
+from ssfer_dist.errors import UserError
+
 __all__ = [
     "StorageError",
     "is_s3",
@@ -38,8 +40,6 @@ __all__ = [
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
 
-
-from ssfer_dist.errors import UserError
 
 
 class StorageError(UserError):

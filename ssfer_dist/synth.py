@@ -33,7 +33,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from ssfer_dist.data.schema import CLASS_NAMES, NUM_CLASSES_7, RAFDB_TO_CANONICAL
 
@@ -52,13 +52,20 @@ __all__ = [
 #   eye_open: eye opening multiplier; mouth_curve: corner lift (up > 0 = smile, fraction of half-width)
 #   mouth_open: opening height (fraction of half-width); mouth_width: multiplier; sneer: asymmetric lift
 _PROTO: Dict[str, Dict[str, float]] = {
-    "neutral":   dict(brow_in=0.00, brow_out=0.00, eye_open=1.0, mouth_curve=0.00, mouth_open=0.00, mouth_width=1.0, sneer=0.0),
-    "happiness": dict(brow_in=0.02, brow_out=0.02, eye_open=0.7, mouth_curve=0.16, mouth_open=0.05, mouth_width=1.3, sneer=0.0),
-    "surprise":  dict(brow_in=0.16, brow_out=0.16, eye_open=1.8, mouth_curve=0.00, mouth_open=0.30, mouth_width=0.6, sneer=0.0),
-    "sadness":   dict(brow_in=0.12, brow_out=-0.05, eye_open=0.8, mouth_curve=-0.13, mouth_open=0.00, mouth_width=0.9, sneer=0.0),
-    "anger":     dict(brow_in=-0.12, brow_out=0.05, eye_open=0.55, mouth_curve=-0.03, mouth_open=0.00, mouth_width=0.75, sneer=0.0),
-    "disgust":   dict(brow_in=-0.07, brow_out=-0.03, eye_open=0.6, mouth_curve=-0.05, mouth_open=0.03, mouth_width=0.9, sneer=0.14),
-    "fear":      dict(brow_in=0.14, brow_out=0.06, eye_open=1.6, mouth_curve=-0.05, mouth_open=0.15, mouth_width=1.25, sneer=0.0),
+    "neutral":   dict(brow_in=0.00, brow_out=0.00, eye_open=1.0,
+                      mouth_curve=0.00, mouth_open=0.00, mouth_width=1.0, sneer=0.0),
+    "happiness": dict(brow_in=0.02, brow_out=0.02, eye_open=0.7,
+                      mouth_curve=0.16, mouth_open=0.05, mouth_width=1.3, sneer=0.0),
+    "surprise":  dict(brow_in=0.16, brow_out=0.16, eye_open=1.8,
+                      mouth_curve=0.00, mouth_open=0.30, mouth_width=0.6, sneer=0.0),
+    "sadness":   dict(brow_in=0.12, brow_out=-0.05, eye_open=0.8,
+                      mouth_curve=-0.13, mouth_open=0.00, mouth_width=0.9, sneer=0.0),
+    "anger":     dict(brow_in=-0.12, brow_out=0.05, eye_open=0.55,
+                      mouth_curve=-0.03, mouth_open=0.00, mouth_width=0.75, sneer=0.0),
+    "disgust":   dict(brow_in=-0.07, brow_out=-0.03, eye_open=0.6,
+                      mouth_curve=-0.05, mouth_open=0.03, mouth_width=0.9, sneer=0.14),
+    "fear":      dict(brow_in=0.14, brow_out=0.06, eye_open=1.6,
+                      mouth_curve=-0.05, mouth_open=0.15, mouth_width=1.25, sneer=0.0),
 }
 _NEUTRAL = _PROTO["neutral"]
 
@@ -169,18 +176,20 @@ def _face_layer(p: FaceParams, a: float) -> Image.Image:
         yi, yo = by - p.brow_in * 2 * b, by - p.brow_out * 2 * b
         d.line([xi, yi, xo, yo], fill=dark, width=int(lw * 3))
     # Nose.
-    d.line([cx, cy - 0.05 * b, cx - 0.06 * a, cy + 0.18 * b, cx + 0.03 * a, cy + 0.2 * b], fill=dark, width=max(1, lw // 2))
+    d.line([cx, cy - 0.05 * b, cx - 0.06 * a, cy + 0.18 * b, cx + 0.03 * a, cy + 0.2 * b], fill=dark,
+           width=max(1, lw // 2))
     if p.sneer > 0.07:  # disgust: wrinkles beside the nose
         for sgn in (-1, 1):
-            d.line([cx + sgn * 0.1 * a, cy + 0.02 * b, cx + sgn * 0.18 * a, cy + 0.12 * b], fill=dark, width=max(1, lw // 2))
+            d.line([cx + sgn * 0.1 * a, cy + 0.02 * b, cx + sgn * 0.18 * a, cy + 0.12 * b], fill=dark,
+                   width=max(1, lw // 2))
     # Mouth: corners at +-w, centre at my; corner lift = curve (+ sneer on one side); open = lip gap.
     my = cy + 0.5 * b
     w = 0.36 * a * p.mouth_width
     n = 16
     xs = np.linspace(-1.0, 1.0, n)
     lift = p.mouth_curve * a * 2.0 * xs ** 2 + p.sneer * a * 2.0 * np.clip(xs, 0, None) ** 2
-    upper = [(cx + w * x, my - l - 0.5 * p.mouth_open * a * (1 - x ** 2) ** 0.5) for x, l in zip(xs, lift)]
-    lower = [(cx + w * x, my - l + 0.5 * p.mouth_open * a * 2.0 * (1 - x ** 2) ** 0.5) for x, l in zip(xs, lift)]
+    upper = [(cx + w * x, my - lf - 0.5 * p.mouth_open * a * (1 - x ** 2) ** 0.5) for x, lf in zip(xs, lift)]
+    lower = [(cx + w * x, my - lf + 0.5 * p.mouth_open * a * 2.0 * (1 - x ** 2) ** 0.5) for x, lf in zip(xs, lift)]
     if p.mouth_open > 0.04:
         d.polygon(upper + lower[::-1], fill=(90, 20, 30, 255), outline=dark)
     else:
@@ -295,7 +304,8 @@ def write_rafdb(root: str, num_train_per_class: int, num_test_per_class: int, se
 
 def write_identity_folders(root: str, num_identities: int, images_per_identity: int, seed: int = 0,
                            image_size: int = 128, face_frac: Tuple[float, float] = (0.45, 0.9),
-                           cfg: SynthConfig = SynthConfig(), classes: Sequence[int] = tuple(range(NUM_CLASSES_7))) -> int:
+                           cfg: Optional[SynthConfig] = None,
+                           classes: Sequence[int] = tuple(range(NUM_CLASSES_7))) -> int:
     """Write an unlabeled synthetic FR-style set in VGGFace2's layout under ``root``.
 
     ``train/n000001/0001_01.jpg`` … plus ``bb_landmark/loose_bb_train.csv`` (header
@@ -303,6 +313,7 @@ def write_identity_folders(root: str, num_identities: int, images_per_identity: 
     ``synth_classes.csv`` (NAME_ID, hidden canonical class) so tests can check pseudo-labels.
     Returns the number of images.
     """
+    cfg = cfg if cfg is not None else SynthConfig()
     os.makedirs(os.path.join(root, "bb_landmark"), exist_ok=True)
     rows, hidden = [], []
     for ident in range(1, num_identities + 1):

@@ -27,7 +27,8 @@ def test_metrics_hand_checked():
     # recall a = 5/6, b = 3/6; precision a = 5/7, b = 3/4, c = 0/1 (predicted once, never right)
     pa, ra = 5 / 7, 5 / 6
     pb, rb = 3 / 4, 3 / 6
-    assert m["per_class"]["a"] == pytest.approx({"precision": pa, "recall": ra, "f1": 2 * pa * ra / (pa + ra), "support": 6})
+    f1 = 2 * pa * ra / (pa + ra)
+    assert m["per_class"]["a"] == pytest.approx({"precision": pa, "recall": ra, "f1": f1, "support": 6})
     assert m["per_class"]["b"]["f1"] == pytest.approx(2 * pb * rb / (pb + rb))
     assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     # class c has no support: left out of the class means

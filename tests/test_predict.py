@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -32,7 +31,7 @@ def test_astronaut_json_lines_and_bad_files(files, capsys):
                str(d / "notes.txt"), str(d / "astronaut.png"), str(d / "blank.jpg")])
     assert rc == 0
     cap = capsys.readouterr()
-    rows = [json.loads(l) for l in cap.out.strip().splitlines()]
+    rows = [json.loads(line) for line in cap.out.strip().splitlines()]
     errors = {r["image"].rsplit("/", 1)[-1]: r["error"] for r in rows if "error" in r}
     faces = [r for r in rows if "error" not in r]
     assert "not a readable image" in errors["notes.txt"]

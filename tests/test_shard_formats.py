@@ -45,7 +45,8 @@ def png_bomb(w=60000, h=60000) -> bytes:
     def chunk(t, d):
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+            + chunk(b"IEND", b""))
 
 
 def write(path, data: bytes) -> str:
@@ -101,7 +102,7 @@ def make_rec_old_style(folder, ids=((0, 3), (1, 2))):
     imgs, id_recs, k = [], [], 1
     for ident, count in ids:
         start = k
-        for j in range(count):
+        for _ in range(count):
             # id1/id2 hold the magic at aligned offsets 8, 16 and 20 -> a 4-part record for key 1
             extra = dict(id1=MAGIC, id2=MAGIC | (MAGIC << 32)) if k == 1 else {}
             imgs.append((k, rec_payload(ident, img_bytes(seed=k), **extra)))
@@ -194,7 +195,8 @@ def test_image_folder_modes_and_bad_files(tmp_path):
     write(src / "b" / "gray.png", img_bytes(80, 80, seed=4, mode="L", fmt="PNG"))
     write(src / "b" / "deep.png", img_bytes(64, 64, mode="I;16", fmt="PNG"))
     rgba = Image.new("RGBA", (50, 50), (10, 20, 30, 0))
-    buf = io.BytesIO(); rgba.save(buf, "PNG")
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
     write(src / "b" / "alpha.png", buf.getvalue())
     write(src / "b" / "pal.gif", img_bytes(40, 40, seed=5, mode="P", fmt="GIF"))
     write(src / "c" / "trunc.jpg", img_bytes(300, 300, seed=6)[:2000])
@@ -442,7 +444,7 @@ def test_cli_structural_error_keeps_existing_output(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sharding", "build", "--format", "rafdb", "--input", root,
                           "--output", str(out), "--no-progress"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2
-    err = [l for l in bad.stderr.splitlines() if "error" in l]
+    err = [line for line in bad.stderr.splitlines() if "error" in line]
     assert len(err) == 1 and "list_patition_label.txt:10:" in err[0], bad.stderr
     assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
     spec.write_text("format: rafdb\nimage_size: big\n")

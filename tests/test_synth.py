@@ -118,7 +118,7 @@ def test_classes_are_distinguishable_from_pixels():
         torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
         torch.nn.Flatten(), torch.nn.Linear(128, 7))
     opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for step in range(300):
+    for _ in range(300):
         idx = torch.randint(0, len(xtr), (64,))
         loss = torch.nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
         opt.zero_grad()

@@ -29,8 +29,8 @@ def main(src: str) -> None:
         out = {"apiVersion": crd["apiVersion"], "kind": crd["kind"],
                "metadata": {"name": crd["metadata"]["name"], "annotations": crd["metadata"].get("annotations", {})},
                "spec": {"group": spec["group"], "names": spec["names"], "scope": spec["scope"],
-                        "versions": [{"name": "v1", "served": v1.get("served", True), "storage": v1.get("storage", True),
-                                      "schema": _strip(v1["schema"])}]}}
+                        "versions": [{"name": "v1", "served": v1.get("served", True),
+                                      "storage": v1.get("storage", True), "schema": _strip(v1["schema"])}]}}
         with open(os.path.join(here, name + ".json"), "w") as f:
             json.dump(out, f, separators=(",", ":"), sort_keys=True)
 

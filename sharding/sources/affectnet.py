@@ -52,7 +52,8 @@ def list_affectnet(root: str, *, split: str, name: Optional[str] = None, num_cla
                     x, y, w, h = (float(row[col[c]]) for c in ("face_x", "face_y", "face_width", "face_height"))
                     expr = int(row[col["expression"]])
                 except ValueError:
-                    raise UserError(f"{where}: face_x/face_y/face_width/face_height/expression must be numbers") from None
+                    raise UserError(f"{where}: face_x/face_y/face_width/face_height/expression "
+                                    "must be numbers") from None
                 if expr in (8, 9, 10) or (num_classes == 7 and expr == 7):
                     skipped.append(Skipped("dropped_class", where, f"expression {expr}"))
                     continue

@@ -23,7 +23,8 @@ def list_rafdb(root: str, *, split: str, name: Optional[str] = None) -> Listing:
     dataset = name or "rafdb"
     label_file = os.path.join(root, LABEL_FILE)
     if not os.path.exists(label_file):
-        raise UserError(f"{label_file}: RAF-DB label file missing (expected EmoLabel/list_patition_label.txt under --input)")
+        raise UserError(f"{label_file}: RAF-DB label file missing "
+                        "(expected EmoLabel/list_patition_label.txt under --input)")
     img_dir = os.path.join(root, "Image", "aligned")
     records: List[FaceRecord] = []
     skipped: List[Skipped] = []

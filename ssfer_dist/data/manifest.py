@@ -235,7 +235,8 @@ def read_manifest(url: str, with_index: bool = True) -> Manifest:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{murl}: not a valid shard manifest ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{murl}: not a valid shard manifest ({why})") from None
     d = table.to_pydict()
     shards = []
     for i, name in enumerate(d["name"]):

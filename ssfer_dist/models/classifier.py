@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 

@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from ssfer_dist import storage
 
