@@ -97,7 +97,7 @@ def _worker(rank: int, world: int, port: int, stage: int, size: str, img_size: i
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = build_optimizer(param_groups(model, 0.05, 1.0), OptimCfg(), 1e-4)
-    engine = build_engine(model, opt, ds_config(TrainCfg(zero_stage=stage, precision=precision), batch, world))
+    engine = build_engine(model, opt, ds_config(TrainCfg(zero_stage=stage, precision=precision), batch, batch * world))
     x = torch.randn(batch, 3, img_size, img_size)
     if precision == "bf16":
         x = x.to(torch.bfloat16)

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from sharding.manifest import read_manifest
-from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader, split_urls, stage_views
+from ssfer_dist.config import Config, SemiSupCfg, ThresholdCfg, TrainCfg
+from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader, split_urls
+from ssfer_dist.stages import get_stage
+from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.train.debugdata import face_images, write_debug_shards, write_shard_folder
 
 
@@ -71,6 +74,12 @@ def test_missing_shard_fails_instead_of_hanging(tmp_path):
     os.remove(urls[0])
     with pytest.raises(FileNotFoundError):
         _take(_stream(urls, world=1, rank=0), 1, 5)
+
+
+def stage_views(stage: str, threshold_kind: str):
+    """(labeled views, unlabeled views) the registered stage reads."""
+    cfg = Config(train=TrainCfg(stage=stage), semisup=SemiSupCfg(threshold=ThresholdCfg(kind=threshold_kind)))
+    return get_stage(stage).views(StageConfigs.of(cfg))
 
 
 def test_semisupervised_batches(shards):

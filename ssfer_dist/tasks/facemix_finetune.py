@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 from ssfer_dist.data.facemix import facemix, facemix_loss
+from ssfer_dist.tasks.base import TaskBase
 from ssfer_dist.tasks.common import accuracy, prepare_images
 
 
-class FaceMixFinetune:
+class FaceMixFinetune(TaskBase):
     """``batch = {"image": [N,3,H,W], "label": long[N], "box": float[N,4]}`` -> loss + metrics.
 
     One forward over ``cat([mixed, real])``; the loss is :func:`~ssfer_dist.data.facemix.facemix_loss`.
