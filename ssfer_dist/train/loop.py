@@ -22,8 +22,14 @@ import torch
 from ssfer_dist import storage
 from ssfer_dist.config import DebugCfg, from_dict
 from ssfer_dist.distributed import checkpoint as ckpt_mod
-from ssfer_dist.distributed.engine import (build_engine, build_optimizer, consolidated_state_dict, ds_config,
-                                           gather_ctx, set_lr)
+from ssfer_dist.distributed.engine import (
+    build_engine,
+    build_optimizer,
+    consolidated_state_dict,
+    ds_config,
+    gather_ctx,
+    set_lr,
+)
 from ssfer_dist.stages import get_stage
 from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.train.plan import LaunchPlan
