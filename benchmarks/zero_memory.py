@@ -97,7 +97,7 @@ def _worker(rank: int, world: int, port: int, stage: int, size: str, img_size: i
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = build_optimizer(param_groups(model, 0.05, 1.0), OptimCfg(), 1e-4)
-    engine = build_engine(model, opt, ds_config(TrainCfg(zero_stage=stage, precision=precision), batch, world))
+    engine = build_engine(model, opt, ds_config(TrainCfg(zero_stage=stage, precision=precision), batch, batch * world))
     x = torch.randn(batch, 3, img_size, img_size)
     if precision == "bf16":
         x = x.to(torch.bfloat16)
@@ -125,7 +125,8 @@ def measure(stage: int, size: str, img_size: int, batch: int, precision: str, wo
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, stage, size, img_size, batch, precision, q)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, stage, size, img_size, batch, precision, q))
+             for r in range(world)]
     for p in procs:
         p.start()
     res = [q.get(timeout=900) for _ in procs]
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
     for r in rows:
         r["ratio"] = r["bytes_per_rank"] / base
         rest = r["bytes_per_rank"] - r["param_bytes"] - r["state_bytes"]
-        print(f"{r['zero_stage']:>5}  {r['bytes_per_rank'] / mib:8.1f}  {r['ratio']:15.3f}   {r['param_bytes'] / mib:6.1f}"
+        print(f"{r['zero_stage']:>5}  {r['bytes_per_rank'] / mib:8.1f}  {r['ratio']:15.3f}"
+              f"   {r['param_bytes'] / mib:6.1f}"
               f"  {r['state_bytes'] / mib:11.1f}  {rest / mib:8.1f}")
     z3 = rows[3]["ratio"]
     print(f"\nZeRO-3 / ZeRO-0 = {z3:.3f}  (target <= 0.6: {'met' if z3 <= 0.6 else 'NOT met'})")

@@ -16,18 +16,18 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
+from ssfer_dist.stages import get_stage, stage_names
 from ssfer_dist.typed import ConfigError
 from ssfer_dist.typed import build as _build
 
 __all__ = [
     "Config", "RunCfg", "ScalingCfg", "FailureCfg", "CheckpointCfg", "ModelCfg", "InitCfg", "DataCfg",
-    "UnlabeledSource", "OptimCfg", "TrainCfg", "FaceMixCfg", "SemiSupCfg", "ThresholdCfg", "DebugCfg",
+    "UnlabeledSource", "OptimCfg", "TrainCfg", "FaceMixCfg", "SemiSupCfg", "ThresholdCfg", "LinearProbeCfg", "DebugCfg",
     "PipelineCfg", "load_config", "load_pipeline", "from_dict", "to_dict", "apply_overrides", "derived",
     "ConfigError",
 ]
 
 
-Stage = Literal["mae", "facemix", "semisup"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class OptimCfg:
 
 @dataclass(frozen=True)
 class TrainCfg:
-    stage: Stage = "mae"
+    stage: str = "mae"                # a registered stage (ssfer_dist.stages): mae | facemix | semisup | linear_probe
     epochs: float = 1.0               # total steps = epochs * steps_per_epoch unless max_steps is set
     max_steps: Optional[int] = None
     grad_accum: int = 1
@@ -153,6 +153,11 @@ class SemiSupCfg:
 
 
 @dataclass(frozen=True)
+class LinearProbeCfg:
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
 class DebugCfg:
     fail_at_step: Optional[int] = None   # test-only fault injection: raise once at this step ...
     fail_rank: int = 1                   # ... on this rank ...
@@ -172,6 +177,7 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     facemix: FaceMixCfg = field(default_factory=FaceMixCfg)
     semisup: SemiSupCfg = field(default_factory=SemiSupCfg)
+    linear_probe: LinearProbeCfg = field(default_factory=LinearProbeCfg)
     debug: DebugCfg = field(default_factory=DebugCfg)
 
 
@@ -381,16 +387,12 @@ def _check(cfg: Config, source: str) -> None:
         err("run.name", f"expected a non-empty name without '/', got {cfg.run.name!r}")
     if not cfg.data.shards:
         err("data.shards", "expected a shard folder/URL holding manifest.parquet")
-    if cfg.train.stage == "semisup":
-        if not cfg.data.unlabeled:
-            err("data.unlabeled", "semisup needs at least one unlabeled source")
-        for i, u in enumerate(cfg.data.unlabeled):
-            if not u.shards:
-                err(f"data.unlabeled[{i}].shards", "expected a shard folder/URL")
-            if u.weight <= 0:
-                err(f"data.unlabeled[{i}].weight", f"expected > 0, got {u.weight}")
-    if cfg.train.stage != "mae" and cfg.init.weights is None:
-        pass  # fine-tuning from scratch is allowed (supervised baseline)
+    if cfg.train.stage not in stage_names():
+        err("train.stage", f"unknown stage {cfg.train.stage!r} (expected one of: {', '.join(stage_names())})")
+    from ssfer_dist.stages.base import StageConfigs  # the stage modules import this module's dataclasses
+
+    for key, msg in get_stage(cfg.train.stage).check_config(StageConfigs.of(cfg)):
+        err(key, msg)
 
 
 # --------------------------------------------------------------------------------------------- derived
@@ -418,7 +420,7 @@ def derived(cfg: Config, num_samples: Optional[int] = None) -> Dict[str, Any]:
         "lr_rule": "optim.lr (absolute)" if cfg.optim.lr is not None else "base_lr * global_batch / 256",
         "effective_lr": effective_lr,
     }
-    if cfg.train.stage == "semisup":
+    if get_stage(cfg.train.stage).needs_unlabeled:
         out["unlabeled_batch_per_rank"] = cfg.data.batch_size_per_rank * cfg.data.mu
         out["global_unlabeled_batch"] = out["unlabeled_batch_per_rank"] * cfg.scaling.num_workers * cfg.train.grad_accum
     spe = cfg.data.steps_per_epoch
@@ -430,7 +432,9 @@ def derived(cfg: Config, num_samples: Optional[int] = None) -> Dict[str, Any]:
         out["steps_per_epoch"] = spe
         steps = total_steps(cfg, spe)
         out["total_steps"] = steps
-        warm = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(round(cfg.optim.warmup_epochs * spe))
+        warm = cfg.optim.warmup_steps
+        if warm is None:
+            warm = int(round(cfg.optim.warmup_epochs * spe))
         out["warmup_steps"] = min(warm, steps)
         out["images_seen"] = steps * global_batch
     elif cfg.train.max_steps is not None:

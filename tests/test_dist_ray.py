@@ -124,7 +124,8 @@ def test_three_debug_stages_chain_through_exports(ray_local, shards, tmp_path):
     ov = [f"storage={tmp_path / 'runs'}",
           f"pretrain.data.shards={shards['fr']}", f"finetune.data.shards={shards['labeled']}",
           f"semisup.data.shards={shards['labeled']}",
-          f"semisup.data.unlabeled=[{{shards: {shards['unlabeled']}, weight: 0.7}}, {{shards: {shards['fr']}, weight: 0.3}}]",
+          f"semisup.data.unlabeled=[{{shards: {shards['unlabeled']}, weight: 0.7}}, "
+          f"{{shards: {shards['fr']}, weight: 0.3}}]",
           "*.train.max_steps=10", "*.checkpoint.every_steps=0", "*.train.preview_every=0",
           "semisup.semisup.threshold.kind=flexmatch", "semisup.semisup.threshold.flexmatch_tau=0.15"]
     results = run_pipeline(os.path.join(CONFIGS, "debug_cpu_pipeline.yaml"), ov)
@@ -148,6 +149,34 @@ def test_three_debug_stages_chain_through_exports(ray_local, shards, tmp_path):
     assert torch.allclose(pre["patch_embed.proj.weight"], ft["patch_embed.proj.weight"], atol=0.05)
 
 
+def test_linear_probe_on_ray_exports_an_evaluable_classifier(ray_local, shards, tmp_path):
+    """The fourth stage through the same loop: frozen encoder, only the probe head trained, the export a
+    plain classifier that ``ssfer evaluate`` scores."""
+    import torch
+
+    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.evaluate import evaluate_shards
+    from ssfer_dist.models.io import load_weights, save_weights
+    from ssfer_dist.models.mae import build_mae
+
+    torch.manual_seed(0)
+    mae = build_mae("micro", 32, 8, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    weights = str(tmp_path / "mae.safetensors")
+    save_weights(weights, mae.state_dict(), {"kind": "mae", "arch": dict(size="micro", img_size=32, patch_size=8,
+                                                                          num_classes=0, global_pool="token")})
+    cfg = load_config(os.path.join(CONFIGS, "debug_cpu_linprobe.yaml"),
+                      [f"data.shards={shards['labeled']}", f"run.storage={tmp_path / 'runs'}",
+                       f"init.weights={weights}", "train.max_steps=10", "checkpoint.every_steps=5"])
+    res = run_stage(cfg)
+    rec = _metrics(res.run_url)
+    assert [r["step"] for r in rec] == [5, 10] and "acc" in rec[-1]
+    sd, meta = load_weights(res.export_path)
+    assert meta["kind"] == "classifier" and meta["stage"] == "linear_probe" and "head.weight" in sd
+    assert torch.equal(sd["blocks.1.mlp.fc1.weight"], mae.state_dict()["blocks.1.mlp.fc1.weight"])  # frozen
+    m = evaluate_shards(res.export_path, shards["test"], batch_size=16)
+    assert m["num_samples"] == read_manifest(shards["test"]).num_samples and 0.0 <= m["accuracy"] <= 1.0
+
+
 def test_bad_inputs_fail_before_any_worker(shards, tmp_path, s3_server, monkeypatch):
     from ssfer_dist.cli import main
 
@@ -169,13 +198,13 @@ def test_bad_inputs_fail_before_any_worker(shards, tmp_path, s3_server, monkeypa
         preflight(load_config(os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"), [f"data.shards={broken}"]))
     assert main(base + ["--set", f"data.shards={broken}"]) == 2
     # FlexMatch over more unlabeled samples than its dense per-sample state allows
-    import ssfer_dist.distributed.launch as launch
+    import ssfer_dist.stages.semisup as semisup_stage
 
     semi = [f"data.shards={shards['labeled']}", f"data.unlabeled=[{{shards: {shards['fr']}}}]",
             "semisup.threshold.kind=flexmatch", "init.weights=null"]
     plan = preflight(load_config(os.path.join(CONFIGS, "debug_cpu_semisup.yaml"), semi), check_storage=False)
-    assert plan["unlabeled"][0]["offsets"][:2] == [0, read_manifest(shards["fr"]).shards[0].num_samples]
-    monkeypatch.setattr(launch, "MAX_FLEXMATCH_SAMPLES", plan["num_unlabeled"] - 1)
+    assert plan.unlabeled[0].offsets[:2] == (0, read_manifest(shards["fr"]).shards[0].num_samples)
+    monkeypatch.setattr(semisup_stage, "MAX_FLEXMATCH_SAMPLES", plan.num_unlabeled - 1)
     with pytest.raises(UserError, match=r"semisup.threshold.kind: flexmatch keeps state per unlabeled sample"):
         preflight(load_config(os.path.join(CONFIGS, "debug_cpu_semisup.yaml"), semi), check_storage=False)
     # storage with wrong credentials

@@ -6,8 +6,11 @@ import os
 import pytest
 import torch
 
+from ssfer_dist.config import Config, SemiSupCfg, ThresholdCfg, TrainCfg
 from ssfer_dist.data.manifest import read_manifest
-from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader, split_urls, stage_views
+from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader, split_urls
+from ssfer_dist.stages import get_stage
+from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.train.debugdata import face_images, write_debug_shards, write_shard_folder
 
 
@@ -17,7 +20,10 @@ def shards(tmp_path_factory):
     return write_debug_shards(str(root), num_fr=96, num_fer=64, num_test=14)
 
 
-def _stream(urls, *, start=0, lanes=1, rank=0, world=2, bs=8, bpe=5, views=(View("image", "mae"),), labeled=False,
+MAE_VIEWS = (View("image", "mae"),)
+
+
+def _stream(urls, *, start=0, lanes=1, rank=0, world=2, bs=8, bpe=5, views=MAE_VIEWS, labeled=False,
             extra=()):
     specs = [StreamSpec((Source(tuple(urls)),), tuple(views), bs, labeled)] + list(extra)
     return ShardStream(specs, img_size=32, rank=rank, world_size=world, batches_per_epoch=bpe, seed=3,
@@ -86,6 +92,12 @@ def test_missing_shard_fails_instead_of_hanging(tmp_path):
     os.remove(urls[0])
     with pytest.raises(FileNotFoundError):
         _take(_stream(urls, world=1, rank=0), 1, 5)
+
+
+def stage_views(stage: str, threshold_kind: str):
+    """(labeled views, unlabeled views) the registered stage reads."""
+    cfg = Config(train=TrainCfg(stage=stage), semisup=SemiSupCfg(threshold=ThresholdCfg(kind=threshold_kind)))
+    return get_stage(stage).views(StageConfigs.of(cfg))
 
 
 def test_semisupervised_batches(shards):

@@ -33,7 +33,7 @@ def _engine(stage: int, patched: bool, precision: str = "fp32"):
     torch.manual_seed(0)
     model = build_mae("micro", 32, 8)
     opt = build_optimizer(param_groups(model, 0.05, 1.0), OptimCfg(), 1e-3)
-    cfg = ds_config(TrainCfg(zero_stage=stage, precision=precision, grad_clip=1.0), 2, 2)
+    cfg = ds_config(TrainCfg(zero_stage=stage, precision=precision, grad_clip=1.0), 2, 4)   # 2 per rank x 2 ranks
     if patched:
         return build_engine(model, opt, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)

@@ -35,7 +35,7 @@ from ssfer_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 __all__ = ["Source", "View", "StreamSpec", "ShardStream", "make_loader", "stream_seed", "split_urls",
-           "decode_image", "stage_views"]
+           "decode_image"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,8 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class View:
-    """One augmented view of a sample: ``name`` in the batch, transform ``kind`` (``data.transforms.build_transform``)."""
+    """One augmented view of a sample: ``name`` in the batch, transform ``kind``
+    (``data.transforms.build_transform``)."""
 
     name: str
     kind: str
@@ -67,18 +68,6 @@ class StreamSpec:
     batch_size: int
     labeled: bool
     prefix: str = ""                  # key prefix in the batch ("" labeled, "u_" unlabeled)
-
-
-def stage_views(stage: str, threshold_kind: str = "fixed") -> Tuple[Tuple[View, ...], Tuple[View, ...]]:
-    """(labeled views, unlabeled views) for a stage."""
-    if stage == "mae":
-        return (View("image", "mae"),), ()
-    if stage == "facemix":
-        return (View("image", "weak"),), ()
-    unl = [View("weak", "weak"), View("strong", "strong")]
-    if threshold_kind == "dtm":
-        unl.append(View("weak2", "weak"))
-    return (View("image", "weak"),), tuple(unl)
 
 
 def stream_seed(seed: int, rank: int, lane: int, epoch: int, tag: str = "") -> int:

@@ -5,8 +5,8 @@ A checkpoint folder (``<storage>/<run>/checkpoint_<step>``) holds
 - ``ds/``               the DeepSpeed checkpoint (model/optimizer shards of every rank, tag ``ds``);
 - ``train_state.json``  :class:`~ssfer_dist.train.state.TrainState` (step, samples seen, data epoch and
   position, seeds);
-- ``extra.pt``          the task's extra state (EMA teacher, threshold policy) — tensors and plain
-  values only, loaded with ``weights_only=True``.
+- ``extra.pt``          the task's own state (``Task.state_dict``: EMA teacher, threshold policy) — tensors
+  and plain values only, loaded with ``weights_only=True``; absent when the task keeps none.
 
 Ray merges the ranks' files into one folder, keeps ``checkpoint.num_to_keep`` of them and hands the
 latest back through ``ray.train.get_checkpoint()`` after a failure or when a run is rerun with the
@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ssfer_dist.tasks.base import Task
 from ssfer_dist.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,9 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def save_and_report(engine, task, state: TrainState, metrics: Dict[str, Any], rank: int) -> None:
+def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, Any], rank: int) -> None:
     """Save this rank's part of the checkpoint and report it to Ray (every rank calls this)."""
     import ray.train
-
-    from ssfer_dist.train import stages
 
     tmp = tempfile.mkdtemp(prefix="ssfer-ckpt-")
     try:
@@ -49,7 +48,7 @@ def save_and_report(engine, task, state: TrainState, metrics: Dict[str, Any], ra
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
                 f.write(state.to_json())
-            extra = stages.extra_state(task)
+            extra = task.state_dict()
             if extra:
                 torch.save(extra, os.path.join(tmp, EXTRA_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -79,12 +78,10 @@ def weights_only_loads(engine) -> None:
     ce.load = load
 
 
-def restore(checkpoint, engine, task) -> Optional[TrainState]:
+def restore(checkpoint, engine, task: Task) -> Optional[TrainState]:
     """Load a reported checkpoint into the engine and task; returns its TrainState (None: fresh run)."""
     if checkpoint is None:
         return None
-    from ssfer_dist.train import stages
-
     with checkpoint.as_directory() as d:
         state_path = os.path.join(d, STATE_FILE)
         if not os.path.exists(state_path):
@@ -98,5 +95,5 @@ def restore(checkpoint, engine, task) -> Optional[TrainState]:
             raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no '{DS_TAG}' checkpoint")
         extra_path = os.path.join(d, EXTRA_FILE)
         if os.path.exists(extra_path):
-            stages.load_extra_state(task, torch.load(extra_path, map_location="cpu", weights_only=True))
+            task.load_state_dict(torch.load(extra_path, map_location="cpu", weights_only=True))
     return state

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -23,12 +22,13 @@ __all__ = ["ds_config", "build_optimizer", "build_engine", "set_lr", "gather_ctx
            "consolidated_state_dict", "engine_dtype"]
 
 
-def ds_config(train: TrainCfg, batch_size_per_rank: int, world_size: int) -> Dict[str, Any]:
-    """The DeepSpeed JSON config for a stage (no optimizer/scheduler sections: we pass our own)."""
+def ds_config(train: TrainCfg, batch_size_per_rank: int, global_batch: int) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for a stage (no optimizer/scheduler sections: we pass our own).
+    ``global_batch`` is the launch plan's (batch_size_per_rank x ranks x grad_accum); DeepSpeed checks it."""
     cfg: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(batch_size_per_rank),
         "gradient_accumulation_steps": int(train.grad_accum),
-        "train_batch_size": int(batch_size_per_rank * train.grad_accum * world_size),
+        "train_batch_size": int(global_batch),
         "gradient_clipping": float(train.grad_clip) if train.grad_clip else 0.0,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -165,9 +165,3 @@ def consolidated_state_dict(engine, zero_stage: int) -> Optional[Dict[str, torch
         v = v.detach().cpu()
         sd[k] = v.float().clone() if v.is_floating_point() else v.clone()
     return sd
-
-
-def ds_env_defaults() -> None:
-    """DeepSpeed on CPU needs ``DS_ACCELERATOR=cpu`` when no GPU is visible."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")

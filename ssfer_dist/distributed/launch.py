@@ -21,15 +21,15 @@ import yaml
 from ssfer_dist import storage
 from ssfer_dist.config import Config, absolute_paths, derived, load_config, load_pipeline, to_dict
 from ssfer_dist.errors import UserError
+from ssfer_dist.stages import get_stage
+from ssfer_dist.stages.base import StageConfigs
+from ssfer_dist.train.plan import LaunchPlan, UnlabeledPlan
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RunResult", "run_stage", "run_from_cli", "pipeline_from_cli", "preflight", "run_pipeline"]
 
 # Environment forwarded to the workers (they may run on other nodes or in a Ray started earlier).
-# FlexMatch all-reduces two dense float32 vectors over the unlabeled set every step (16 MB at 2 M)
-MAX_FLEXMATCH_SAMPLES = 2_000_000
-
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "DS_ACCELERATOR",
                "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
@@ -77,37 +77,25 @@ def _check_shards(manifest, key: str) -> List[str]:
     return urls
 
 
-def preflight(cfg: Config, check_storage: bool = True) -> Dict[str, Any]:
-    """Validate everything a run needs before a worker starts; returns the run plan (derived values)."""
+def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
+    """Validate everything a run needs before a worker starts; returns the launch plan (derived once)."""
     cfg = absolute_paths(cfg)
+    stage = get_stage(cfg.train.stage)
     labeled = _read_manifest(cfg.data.shards, "data.shards")
     urls = _check_shards(labeled, "data.shards")
-    plan: Dict[str, Any] = {"shard_urls": urls, "num_samples": labeled.num_samples, "image_size": labeled.image_size}
-    if cfg.train.stage != "mae":
-        if labeled.num_classes == 0:
-            raise UserError(f"data.shards: {labeled.url} is unlabeled; stage {cfg.train.stage!r} needs labeled shards")
-        plan["num_classes"] = labeled.num_classes
-        plan["class_names"] = labeled.class_names
+    if stage.needs_labels and labeled.num_classes == 0:
+        raise UserError(f"data.shards: {labeled.url} is unlabeled; stage {stage.name!r} needs labeled shards")
     unl = []
     first = 0  # sample ids run over all unlabeled sources: source after source, shard after shard
-    for i, u in enumerate(cfg.data.unlabeled if cfg.train.stage == "semisup" else []):
+    for i, u in enumerate(cfg.data.unlabeled if stage.needs_unlabeled else []):
         key = f"data.unlabeled[{i}].shards"
         m = _read_manifest(u.shards, key)
         offsets = []
         for s in m.shards:
             offsets.append(first)
             first += s.num_samples
-        unl.append({"urls": _check_shards(m, key), "weight": u.weight, "num_samples": m.num_samples,
-                    "offsets": offsets})
-    plan["unlabeled"] = unl
-    plan["num_unlabeled"] = first
-    if cfg.train.stage == "semisup" and cfg.semisup.threshold.kind == "flexmatch":
-        if not unl:
-            raise UserError("semisup.threshold.kind: flexmatch needs data.unlabeled")
-        if first > MAX_FLEXMATCH_SAMPLES:
-            raise UserError(f"semisup.threshold.kind: flexmatch keeps state per unlabeled sample and all-reduces "
-                            f"2 x {first:,} values every step; use at most {MAX_FLEXMATCH_SAMPLES:,} unlabeled samples "
-                            f"(e.g. the FER remainder) or a per-class threshold (dtm, freematch)")
+        unl.append(UnlabeledPlan(urls=tuple(_check_shards(m, key)), weight=u.weight, num_samples=m.num_samples,
+                                 offsets=tuple(offsets)))
     if cfg.init.weights:
         w = cfg.init.weights
         if os.path.isdir(w):
@@ -115,10 +103,16 @@ def preflight(cfg: Config, check_storage: bool = True) -> Dict[str, Any]:
         if not storage.exists(w):
             raise UserError(f"init.weights: {w}: weights file not found")
     d = derived(cfg, labeled.num_samples)
-    plan.update(steps_per_epoch=d["steps_per_epoch"], total_steps=d["total_steps"], warmup_steps=d["warmup_steps"],
-                effective_lr=d["effective_lr"], global_batch=d["global_batch"])
-    plan["run_url"] = run_url(cfg)
-    plan["register_s3"] = any(storage.is_s3(x) for x in [cfg.data.shards] + [u.shards for u in cfg.data.unlabeled])
+    plan = LaunchPlan(
+        stage=stage.name, run_url=run_url(cfg), shard_urls=tuple(urls), num_samples=labeled.num_samples,
+        image_size=labeled.image_size, num_ranks=d["num_ranks"], batch_size_per_rank=d["batch_size_per_rank"],
+        grad_accum=d["grad_accum"], global_batch=d["global_batch"], effective_lr=d["effective_lr"],
+        steps_per_epoch=d["steps_per_epoch"], total_steps=d["total_steps"], warmup_steps=d["warmup_steps"],
+        num_classes=labeled.num_classes if stage.needs_labels else 0,
+        class_names=tuple(labeled.class_names) if stage.needs_labels else (),
+        unlabeled=tuple(unl), num_unlabeled=first,
+        register_s3=any(storage.is_s3(x) for x in [cfg.data.shards] + [u.shards for u in cfg.data.unlabeled]))
+    stage.preflight(StageConfigs.of(cfg), plan)
     if check_storage:
         try:
             storage.check_writable(_abs_storage(cfg.run.storage))
@@ -142,7 +136,8 @@ def dry_run_text(cfg: Config, source: str) -> str:
     lines.append(f"# global_batch = batch_size_per_rank {cfg.data.batch_size_per_rank} x ranks "
                  f"{cfg.scaling.num_workers} x grad_accum {cfg.train.grad_accum} = {d['global_batch']}")
     if cfg.optim.lr is None:
-        lines.append(f"# effective_lr = base_lr {cfg.optim.base_lr:g} x {d['global_batch']} / 256 = {d['effective_lr']:g}")
+        lines.append(f"# effective_lr = base_lr {cfg.optim.base_lr:g} x {d['global_batch']} / 256"
+                     f" = {d['effective_lr']:g}")
     return "\n".join(lines) + "\n" + note
 
 
@@ -198,7 +193,7 @@ def _storage_args(url: str) -> Dict[str, Any]:
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
 
-def run_stage(cfg: Config, plan: Optional[Dict[str, Any]] = None) -> RunResult:
+def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
     """Run one stage to its final step on Ray (resuming from the run's latest checkpoint if any)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -226,16 +221,17 @@ def run_stage(cfg: Config, plan: Optional[Dict[str, Any]] = None) -> RunResult:
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"))
     log.info("[%s] run %s: %d workers, %d steps, global batch %d, lr %.3g → %s", cfg.train.stage, cfg.run.name,
-             sc.num_workers, plan["total_steps"], plan["global_batch"], plan["effective_lr"], plan["run_url"])
+             sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
     try:
         result = trainer.fit()
     except Exception as e:
-        raise RuntimeError(f"run {cfg.run.name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(f"run {cfg.run.name} failed: {why}") from e
     if getattr(result, "error", None) is not None:
         raise RuntimeError(f"run {cfg.run.name} failed: {result.error}")
-    export = storage.join(plan["run_url"], "export", "model.safetensors")
+    export = storage.join(plan.run_url, "export", "model.safetensors")
     ck = result.checkpoint.path if result.checkpoint is not None else None
-    return RunResult(run_url=plan["run_url"], export_path=export, metrics=dict(result.metrics or {}), checkpoint=ck)
+    return RunResult(run_url=plan.run_url, export_path=export, metrics=dict(result.metrics or {}), checkpoint=ck)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -1,10 +1,12 @@
 """One Task per stage: ``task(batch, step) -> {"loss": scalar tensor, metric: float, ...}``.
 
 Tasks own their models' forward passes; the loop (``train/``) owns backward and the optimizer step.
-Pure torch: no ray, deepspeed or torch.distributed here.
+Every task follows :class:`~ssfer_dist.tasks.base.Task`. Pure torch: no ray, deepspeed or torch.distributed here.
 """
+from ssfer_dist.tasks.base import Task, TaskBase
 from ssfer_dist.tasks.facemix_finetune import FaceMixFinetune
+from ssfer_dist.tasks.linear_probe import LinearProbe
 from ssfer_dist.tasks.mae_pretrain import MAEPretrain
 from ssfer_dist.tasks.semi_supervised import SemiSupervised
 
-__all__ = ["MAEPretrain", "FaceMixFinetune", "SemiSupervised"]
+__all__ = ["Task", "TaskBase", "MAEPretrain", "FaceMixFinetune", "SemiSupervised", "LinearProbe"]

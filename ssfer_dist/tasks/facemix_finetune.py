@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 from ssfer_dist.data.facemix import facemix, facemix_loss
+from ssfer_dist.tasks.base import TaskBase
 from ssfer_dist.tasks.common import accuracy, prepare_images
 
 
-class FaceMixFinetune:
+class FaceMixFinetune(TaskBase):
     """``batch = {"image": [N,3,H,W], "label": long[N], "box": float[N,4]}`` -> loss + metrics.
 
     One forward over ``cat([mixed, real])``; the loss is :func:`~ssfer_dist.data.facemix.facemix_loss`.
@@ -24,7 +25,8 @@ class FaceMixFinetune:
                  input_dtype: Optional[torch.dtype] = None):
         self.model, self.num_classes = model, int(num_classes)
         self.alpha, self.pairing, self.smoothing = float(alpha), pairing, float(smoothing)
-        self.seed, self.rank, self.facemix_prob, self.input_dtype = int(seed), int(rank), float(facemix_prob), input_dtype
+        self.seed, self.rank = int(seed), int(rank)
+        self.facemix_prob, self.input_dtype = float(facemix_prob), input_dtype
 
     def __call__(self, batch: Dict[str, torch.Tensor], step: int) -> Dict:
         x = prepare_images(batch["image"], self.input_dtype)

@@ -6,10 +6,11 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from ssfer_dist.tasks.base import TaskBase
 from ssfer_dist.tasks.common import prepare_images
 
 
-class MAEPretrain:
+class MAEPretrain(TaskBase):
     """``batch = {"image": [N, 3, H, W]}`` (float normalised or uint8) -> ``{"loss", "mask_ratio"}``.
 
     ``model`` is the :class:`~ssfer_dist.models.mae.MAE` or anything that calls it (e.g. a training engine

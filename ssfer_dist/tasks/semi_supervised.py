@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from ssfer_dist.ssl.ema import EMATeacher, GatherCtx
 from ssfer_dist.ssl.thresholds import ThresholdPolicy
+from ssfer_dist.tasks.base import TaskBase
 from ssfer_dist.tasks.common import accuracy, prepare_images
 
 
-class SemiSupervised:
+class SemiSupervised(TaskBase):
     """loss = L_x + lambda_u * L_u.
 
     batch: ``image`` [N,3,H,W] (labeled, weak view), ``label`` long[N], ``box`` [N,4] (unused here),

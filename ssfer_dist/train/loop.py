@@ -20,11 +20,20 @@ import numpy as np
 import torch
 
 from ssfer_dist import storage
-from ssfer_dist.config import Config, from_dict
+from ssfer_dist.config import DebugCfg, from_dict
 from ssfer_dist.distributed import checkpoint as ckpt_mod
-from ssfer_dist.distributed.engine import (build_engine, build_optimizer, consolidated_state_dict, ds_config,
-                                    gather_ctx, set_lr)
-from ssfer_dist.train.schedule import lr_at
+from ssfer_dist.distributed.engine import (
+    build_engine,
+    build_optimizer,
+    consolidated_state_dict,
+    ds_config,
+    gather_ctx,
+    set_lr,
+)
+from ssfer_dist.stages import get_stage
+from ssfer_dist.stages.base import StageConfigs
+from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.train.schedule import warmup_cosine
 from ssfer_dist.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -42,8 +51,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _maybe_fail(cfg: Config, step: int, rank: int) -> None:
-    d = cfg.debug
+def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
     if d.fail_at_step is None or step != d.fail_at_step or rank != d.fail_rank:
         return
     if d.fail_marker:
@@ -93,21 +101,23 @@ def _sum_int(v: int) -> int:
 
 
 def train_loop_per_worker(payload: Dict[str, Any]) -> None:
-    """Ray Train worker entry point. ``payload``: ``config`` (plain dict) and ``plan`` (derived
-    values computed once by the launcher: steps, lr, shard URLs, class names, run URL)."""
+    """Ray Train worker entry point. ``payload``: ``config`` (plain dict) and ``plan`` (the
+    :class:`~ssfer_dist.train.plan.LaunchPlan` computed once by the launcher: steps, lr, global batch,
+    shard URLs, class names, run URL; read here, never recomputed)."""
     import ray.train
 
     from ssfer_dist.data.pipeline import ShardStream, make_loader
-    from ssfer_dist.train import stages
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = from_dict(payload["config"])
-    plan = payload["plan"]
+    plan: LaunchPlan = payload["plan"]
+    stage = get_stage(plan.stage)
+    sub = StageConfigs.of(cfg)
     for k, v in payload.get("env", {}).items():
         os.environ.setdefault(k, v)
     # DeepSpeed's accelerator must match this worker's devices (read before deepspeed is imported)
     os.environ["DS_ACCELERATOR"] = "cuda" if (cfg.scaling.use_gpu and torch.cuda.is_available()) else "cpu"
-    if plan.get("register_s3"):
+    if plan.register_s3:
         storage.register_webdataset_s3()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -117,18 +127,19 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
-    total = int(plan["total_steps"])
-    ga = cfg.train.grad_accum
+    total = plan.total_steps
+    ga = plan.grad_accum
     seeds = {"base": cfg.run.seed, "model": cfg.run.seed, "rank": cfg.run.seed * 1000 + rank}
     _seed_all(seeds["model"])                    # identical initial weights on every rank
-    task, trainable = stages.build_task(cfg, plan, device)
-    groups = stages.param_groups_for(cfg, trainable)
-    optimizer = build_optimizer(groups, cfg.optim, plan["effective_lr"])
-    engine = build_engine(trainable, optimizer, ds_config(cfg.train, cfg.data.batch_size_per_rank, world))
-    stages.bind_engine(task, engine)
+    if world != plan.num_ranks:
+        raise RuntimeError(f"the launch plan is for {plan.num_ranks} ranks, Ray started {world}")
+    task, trainable = stage.build_task(sub, plan, device)
+    groups = stage.param_groups(sub, trainable)
+    optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr)
+    engine = build_engine(trainable, optimizer, ds_config(cfg.train, plan.batch_size_per_rank, plan.global_batch))
     gather = gather_ctx(cfg.train.zero_stage)
 
-    state = TrainState(stage=cfg.train.stage, seeds=seeds)
+    state = TrainState(stage=plan.stage, seeds=seeds)
     resumed = ckpt_mod.restore(ray.train.get_checkpoint(), engine, task)
     if resumed is not None:
         state = resumed
@@ -140,18 +151,18 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     if rank == 0:
         from ssfer_dist.train.metrics import MetricsLog
 
-        metrics_log = MetricsLog(plan["run_url"], tensorboard=cfg.train.tensorboard)
+        metrics_log = MetricsLog(plan.run_url, tensorboard=cfg.train.tensorboard)
         metrics_log.truncate_after(state.step)
 
-    bpe = int(plan["steps_per_epoch"]) * ga     # micro-batches per epoch per rank
-    stream = ShardStream(stages.stream_specs(cfg, plan), img_size=cfg.model.img_size, rank=rank,
+    bpe = plan.steps_per_epoch * ga             # micro-batches per epoch per rank
+    stream = ShardStream(stage.stream_specs(sub, plan), img_size=cfg.model.img_size, rank=rank,
                          world_size=world, batches_per_epoch=bpe, seed=cfg.run.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, uint8=cfg.data.uint8,
                          draft=cfg.data.draft_decode, start_batch=state.micro_batch,
                          num_lanes=max(1, cfg.data.num_loader_workers))
     batches = iter(make_loader(stream, cfg.data.num_loader_workers))
 
-    global_batch = cfg.data.batch_size_per_rank * world * ga
+    global_batch = plan.global_batch
     corrupt_by_lane: Dict[int, int] = {}
     corrupt_base = state.corrupt_samples
     t_last, step_last = time.time(), state.step
@@ -159,7 +170,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     n_window = 0
     engine.train()
     while state.step < total:
-        lr = lr_at(state.step, total, plan["effective_lr"], plan["warmup_steps"], cfg.optim.min_lr)
+        lr = warmup_cosine(state.step, total, plan.effective_lr, plan.warmup_steps, cfg.optim.min_lr)
         set_lr(optimizer, lr)
         step_metrics: Dict[str, float] = {}
         keys_digest = 0
@@ -177,8 +188,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
                 s = _scalar(v)
                 if s is not None:
                     step_metrics[k] = step_metrics.get(k, 0.0) + s / ga
-        stages.after_step(task, state.step, gather)
-        _maybe_fail(cfg, state.step, rank)
+        task.after_step(state.step, gather)
+        _maybe_fail(cfg.debug, state.step, rank)
         state.step += 1
         state.micro_batch += ga
         state.data_epoch = state.micro_batch // bpe
@@ -190,8 +201,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         is_last = state.step >= total
         do_ckpt = is_last or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0)
         do_log = do_ckpt or state.step % cfg.train.log_every == 0
-        if cfg.train.stage == "mae" and cfg.train.preview_every and state.step % cfg.train.preview_every == 0:
-            stages.mae_preview(task, batch, state.step, plan["run_url"], metrics_log, rank)
+        if cfg.train.preview_every and state.step % cfg.train.preview_every == 0:
+            stage.preview(task, batch, state.step, plan.run_url, metrics_log, rank)
         if not do_log:
             continue
         # ---- metrics (all ranks take part in the reductions and in ray.train.report)
@@ -209,7 +220,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
             from ssfer_dist.train.metrics import format_progress
 
             metrics_log.write(record)
-            log.info(format_progress(cfg.train.stage, state.step, total, sps, sps * global_batch,
+            log.info(format_progress(plan.stage, state.step, total, sps, sps * global_batch,
                                      record.get("loss", float("nan")), lr))
         if do_ckpt:
             if metrics_log is not None:
@@ -220,11 +231,11 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
 
     # ---- export consolidated weights (every rank takes part in the ZeRO-3 gather)
     sd = consolidated_state_dict(engine, cfg.train.zero_stage)
-    export_url = storage.join(plan["run_url"], "export", "model.safetensors")
+    export_url = storage.join(plan.run_url, "export", "model.safetensors")
     if rank == 0:
         from ssfer_dist.models.io import save_weights
 
-        state_dict, meta = stages.export_weights(cfg, plan, task, sd)
+        state_dict, meta = stage.export(sub, plan, task, sd)
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "model.safetensors")
             save_weights(local, state_dict, meta)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["warmup_cosine", "lr_at"]
+__all__ = ["warmup_cosine"]
 
 
 def warmup_cosine(step: int, total_steps: int, peak: float, warmup_steps: int = 0, floor: float = 0.0) -> float:
@@ -18,8 +18,3 @@ def warmup_cosine(step: int, total_steps: int, peak: float, warmup_steps: int = 
     span = max(1, total_steps - warmup_steps)
     t = min(1.0, max(0.0, (step - warmup_steps) / span))
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int, floor: float) -> float:
-    """The lr for optimizer step ``step`` (alias kept for readability at call sites)."""
-    return warmup_cosine(step, total_steps, peak, warmup_steps, floor)

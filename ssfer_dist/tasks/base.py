@@ -1,0 +1,45 @@
+"""The Task protocol every stage's task follows, and a base class with its no-op defaults.
+
+A task owns its models' forward pass: ``task(batch, step) -> {"loss": scalar tensor, metric: ...}``. The
+loop owns backward and the optimizer step, then calls ``after_step`` (EMA teacher, threshold rounds).
+``state_dict`` / ``load_state_dict`` carry the task's state beyond the trained module (tensors and plain
+values; empty for stateless tasks) through checkpoints. Pure torch: no ray, deepspeed or torch.distributed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Protocol, runtime_checkable
+
+from torch import nn
+
+__all__ = ["Task", "TaskBase"]
+
+GatherCtx = Callable[..., Any]
+
+
+@runtime_checkable
+class Task(Protocol):
+    model: nn.Module
+
+    def __call__(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]: ...
+
+    def after_step(self, step: int, gather_ctx: Optional[GatherCtx] = None) -> Dict[str, Any]: ...
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+
+class TaskBase:
+    """Defaults for a stateless task: nothing after the step, nothing to checkpoint."""
+
+    model: nn.Module
+
+    def after_step(self, step: int, gather_ctx: Optional[GatherCtx] = None) -> Dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)[:5]}")
