@@ -348,6 +348,32 @@ def test_pods_share_image_shm_and_secret_by_reference(target):
             assert c["image"] in images, f"{where}: submitter image {c['image']} differs from the Ray image"
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_pod_runs_unprivileged_with_a_read_only_root(target):
+    """Pod security: non-root as the image's user, no privilege escalation, every capability dropped, a
+    read-only root filesystem; /tmp (Ray's session dir, caches, HOME) and /dev/shm are the writable mounts."""
+    uid = int(re.search(r"useradd[^\n]*--uid (\d+)", open(os.path.join(CLUSTER, "Dockerfile")).read()).group(1))
+    templates = pod_templates(rendered(target))
+    assert len(templates) == 18, [w for w, _ in templates]    # RayCluster 3 + 5 RayJobs × (submitter, head, worker)
+    for where, tmpl in templates:
+        pod = tmpl["spec"].get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True, f"{where}: securityContext.runAsNonRoot must be true"
+        assert pod.get("runAsUser") == uid, f"{where}: runAsUser must be the image's user {uid}"
+        assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        volumes = {v["name"]: v for v in tmpl["spec"].get("volumes", [])}
+        for c in tmpl["spec"]["containers"]:
+            sc = c.get("securityContext", {})
+            cw = f"{where}/{c['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{cw}: allowPrivilegeEscalation must be false"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{cw}: drop every capability"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{cw}: the root filesystem must be read-only"
+            assert not sc.get("privileged"), cw
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]], f"{cw}: /tmp must be a writable emptyDir"
+            home = {e["name"]: e.get("value") for e in c.get("env", [])}.get("HOME", "")
+            assert home.startswith("/tmp/"), f"{cw}: HOME must be writable (under /tmp), got {home!r}"
+
+
 @pytest.mark.parametrize("target", TARGETS + ["secret-template"])
 def test_no_inline_secrets(target):
     docs = _load_docs(SECRET_TEMPLATE) if target == "secret-template" else rendered(target)
