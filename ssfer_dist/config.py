@@ -35,6 +35,7 @@ class RunCfg:
     name: str = "run"                 # run folder name under storage
     storage: str = "runs"             # local folder or s3://bucket/prefix
     seed: int = 0
+    storage_retry_s: float = 120.0    # transient S3 faults (connection lost, 5xx, throttling) retried this long
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class ScalingCfg:
 @dataclass(frozen=True)
 class FailureCfg:
     max_failures: int = 0
+    # Every wait is bounded (see distributed/faults.py): a collective waiting on a dead/frozen peer raises
+    # after collective_timeout_s; a worker whose loop makes no progress for stall_timeout_s ends the run
+    # with a one-line cause (0: no watchdog); a worker group that cannot start (resources, placement)
+    # within start_timeout_s fails the attempt, and such attempts are retried at most max_failures times.
+    collective_timeout_s: int = 600
+    stall_timeout_s: float = 900.0
+    start_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,9 @@ class DebugCfg:
     fail_at_step: Optional[int] = None   # test-only fault injection: raise once at this step ...
     fail_rank: int = 1                   # ... on this rank ...
     fail_marker: Optional[str] = None    # ... recorded in this local file (so it fires only once)
+    # what fires: "error" raises; "stall" freezes the worker (sleeps forever: a hung peer / loader);
+    # "enospc_upload" fails this rank's checkpoint upload half-way with ENOSPC (a full disk mid-save)
+    fail_kind: Literal["error", "stall", "enospc_upload"] = "error"
 
 
 @dataclass(frozen=True)
@@ -383,6 +394,14 @@ def _check(cfg: Config, source: str) -> None:
         err("checkpoint.num_to_keep", f"expected >= 1, got {cfg.checkpoint.num_to_keep}")
     if cfg.failure.max_failures < -1:
         err("failure.max_failures", f"expected >= -1 (-1: retry forever), got {cfg.failure.max_failures}")
+    if cfg.failure.collective_timeout_s < 1:
+        err("failure.collective_timeout_s", f"expected >= 1, got {cfg.failure.collective_timeout_s}")
+    if cfg.failure.stall_timeout_s < 0:
+        err("failure.stall_timeout_s", f"expected >= 0 (0: no watchdog), got {cfg.failure.stall_timeout_s}")
+    if cfg.failure.start_timeout_s <= 0:
+        err("failure.start_timeout_s", f"expected > 0, got {cfg.failure.start_timeout_s}")
+    if cfg.run.storage_retry_s < 0:
+        err("run.storage_retry_s", f"expected >= 0, got {cfg.run.storage_retry_s}")
     if not cfg.run.name or "/" in cfg.run.name:
         err("run.name", f"expected a non-empty name without '/', got {cfg.run.name!r}")
     if not cfg.data.shards:

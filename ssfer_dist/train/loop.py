@@ -22,6 +22,7 @@ import torch
 from ssfer_dist import storage
 from ssfer_dist.config import DebugCfg, from_dict
 from ssfer_dist.distributed import checkpoint as ckpt_mod
+from ssfer_dist.distributed import faults
 from ssfer_dist.distributed.engine import (
     build_engine,
     build_optimizer,
@@ -51,14 +52,25 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
-    if d.fail_at_step is None or step != d.fail_at_step or rank != d.fail_rank:
-        return
+def _fault_due(d: DebugCfg, step: int, rank: int, kinds) -> bool:
+    """Whether the test-only fault fires here (once per marker file)."""
+    if d.fail_at_step is None or step != d.fail_at_step or rank != d.fail_rank or d.fail_kind not in kinds:
+        return False
     if d.fail_marker:
         if os.path.exists(d.fail_marker):
-            return
+            return False
         with open(d.fail_marker, "w") as f:
-            f.write(f"failed at step {step} on rank {rank}\n")
+            f.write(f"{d.fail_kind} at step {step} on rank {rank}\n")
+    return True
+
+
+def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
+    if not _fault_due(d, step, rank, ("error", "stall")):
+        return
+    if d.fail_kind == "stall":          # a frozen worker: only the watchdog / collective timeouts end this
+        log.warning("injected stall at step %d on rank %d", step, rank)
+        while True:
+            time.sleep(3600)
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
 
 
@@ -106,17 +118,43 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     shard URLs, class names, run URL; read here, never recomputed)."""
     import ray.train
 
-    from ssfer_dist.data.pipeline import ShardStream, make_loader
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = from_dict(payload["config"])
     plan: LaunchPlan = payload["plan"]
+    rank = ray.train.get_context().get_world_rank()
+    # Bounded waits: the watchdog ends this worker (one-line cause in <run>/_faults/) when the loop makes no
+    # progress for failure.stall_timeout_s; a permanent fault is raised as PermanentFault (Ray does not retry).
+    watchdog = faults.StallWatchdog(
+        cfg.failure.stall_timeout_s, rank,
+        record=lambda cause: faults.write_cause(plan.run_url, rank, cause, "stall"))
+    try:
+        _train(cfg, plan, payload, watchdog)
+    except Exception as e:
+        cause = faults.classify(e)
+        if cause is None:
+            raise
+        log.error("rank %d: permanent fault, not retried: %s", rank, cause)
+        try:
+            faults.write_cause(plan.run_url, rank, cause, "permanent")
+        except Exception:
+            pass
+        raise faults.PermanentFault(cause) from e
+    finally:
+        watchdog.stop()
+
+
+def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.StallWatchdog") -> None:
+    import ray.train
+
+    from ssfer_dist.data.pipeline import ShardStream, make_loader
+
     stage = get_stage(plan.stage)
     sub = StageConfigs.of(cfg)
     for k, v in payload.get("env", {}).items():
         os.environ.setdefault(k, v)
     # DeepSpeed's accelerator must match this worker's devices (read before deepspeed is imported)
     os.environ["DS_ACCELERATOR"] = "cuda" if (cfg.scaling.use_gpu and torch.cuda.is_available()) else "cpu"
+    storage.set_retry_budget(cfg.run.storage_retry_s)
     if plan.register_s3:
         storage.register_webdataset_s3()
     ctx = ray.train.get_context()
@@ -136,10 +174,14 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     task, trainable = stage.build_task(sub, plan, device)
     groups = stage.param_groups(sub, trainable)
     optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr)
+    watchdog.beat("DeepSpeed initialisation")
     engine = build_engine(trainable, optimizer, ds_config(cfg.train, plan.batch_size_per_rank, plan.global_batch))
     gather = gather_ctx(cfg.train.zero_stage)
 
     state = TrainState(stage=plan.stage, seeds=seeds)
+    watchdog.beat("checkpoint restore")
+    if rank == 0:                                # no partial checkpoint survives (nothing else writes now)
+        ckpt_mod.sweep_incomplete(plan.run_url)
     resumed = ckpt_mod.restore(ray.train.get_checkpoint(), engine, task)
     if resumed is not None:
         state = resumed
@@ -175,7 +217,9 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         step_metrics: Dict[str, float] = {}
         keys_digest = 0
         for _ in range(ga):
+            watchdog.beat(f"step {state.step + 1}: waiting for a batch")
             raw = next(batches)
+            watchdog.beat(f"step {state.step + 1}: forward/backward (collectives)")
             lane, count = (int(x) for x in raw["__corrupt__"].tolist())
             corrupt_by_lane[lane] = count
             keys_digest = zlib.crc32("|".join(raw.get("__key__", [])).encode(), keys_digest)
@@ -205,6 +249,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
             stage.preview(task, batch, state.step, plan.run_url, metrics_log, rank)
         if not do_log:
             continue
+        watchdog.beat(f"step {state.step}: metrics/checkpoint")
         # ---- metrics (all ranks take part in the reductions and in ray.train.report)
         avg = _reduce_mean({k: v / n_window for k, v in window.items()})
         window, n_window = {}, 0
@@ -225,11 +270,14 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         if do_ckpt:
             if metrics_log is not None:
                 metrics_log.sync()
-            ckpt_mod.save_and_report(engine, task, state, record, rank)
+            upload_fault = _fault_due(cfg.debug, state.step, rank, ("enospc_upload",))
+            ckpt_mod.save_and_report(engine, task, state, record, rank, world, plan.run_url,
+                                     upload_fault=upload_fault)
         else:
             ray.train.report(record)
 
     # ---- export consolidated weights (every rank takes part in the ZeRO-3 gather)
+    watchdog.beat("export")
     sd = consolidated_state_dict(engine, cfg.train.zero_stage)
     export_url = storage.join(plan.run_url, "export", "model.safetensors")
     if rank == 0:
