@@ -86,12 +86,12 @@ def _is_transient(e: BaseException) -> bool:
         return str(resp.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError, ResponseStreamingError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
         from urllib3.exceptions import HTTPError as Urllib3Error
     except ImportError:  # pragma: no cover
         return isinstance(e, (ConnectionError, TimeoutError))
-    return isinstance(e, (BotoConnectionError, HTTPClientError, ResponseStreamingError, Urllib3Error,
-                          ConnectionError, TimeoutError))
+    return isinstance(e, (BotoConnectionError, HTTPClientError, ResponseStreamingError, IncompleteReadError,
+                          Urllib3Error, ConnectionError, TimeoutError))
 
 
 def _retrying(url: str, fn: Callable[[], T]) -> T:

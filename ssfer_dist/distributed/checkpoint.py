@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -146,15 +146,34 @@ def _checkpoint_dirs(run_url: str) -> Dict[str, Dict[str, int]]:
     return out
 
 
-def sweep_incomplete(run_url: str) -> List[str]:
-    """Delete every incomplete ``checkpoint_*`` folder of a run (commit the complete-but-unmarked ones);
-    returns the names deleted. Call only when no worker of the run is writing."""
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def ray_registered(run_url: str) -> List[str]:
+    """Checkpoint folders Ray Train has registered for this run (every rank reported them), read from
+    its checkpoint-manager snapshot; [] when there is none or its format is unknown."""
+    url = storage.join(run_url, RAY_SNAPSHOT)
+    try:
+        if not storage.exists(url):
+            return []
+        snap = json.loads(storage.get_bytes(url))
+        return sorted({r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])
+                       if r.get("checkpoint_dir_name")})
+    except (storage.StorageError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def sweep_incomplete(run_url: str, keep: Sequence[str] = ()) -> List[str]:
+    """Delete every incomplete ``checkpoint_*`` folder of a run; commit the complete-but-unmarked ones and
+    those Ray registered (``keep`` adds names). Returns the names deleted. Call only when no worker of the
+    run is writing."""
     deleted = []
+    registered = set(ray_registered(run_url)) | set(keep)
     for name, files in sorted(_checkpoint_dirs(run_url).items()):
         url = storage.join(run_url, name)
         if COMMIT_FILE in files:
             continue
-        if is_complete(url, files):
+        if name in registered or is_complete(url, files):
             m = _CKPT_RE.match(name)
             _commit(url, int(m.group(1)))
             continue

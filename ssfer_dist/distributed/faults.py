@@ -17,6 +17,7 @@ import errno as _errno
 import json
 import logging
 import os
+import re
 import threading
 import time
 from typing import Callable, Iterator, List, Optional
@@ -39,6 +40,12 @@ PERMANENT_ERRNOS = {_errno.ENOENT, _errno.ENOSPC, _errno.EACCES, _errno.EPERM, _
 PERMANENT_S3_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden",
                       "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidBucketName",
                       "EntityTooLarge", "QuotaExceeded"}
+
+
+# the same faults after a process boundary flattened them to text (a DataLoader worker re-raises the
+# exception type with the original traceback as its message; errno and response are gone)
+_ERRNO_RE = re.compile(r"\[Errno (\d+)\] ([^:\n]+?)(?:: '([^'\n]+)')?$", re.M)
+_S3_RE = re.compile(r"^(?:\w+Error: )?(.*\((%s)\).*)$" % "|".join(sorted(PERMANENT_S3_CODES)), re.M)
 
 
 class PermanentFault(UserError):
@@ -85,8 +92,14 @@ def classify(exc: BaseException) -> Optional[str]:
             url = getattr(e, "url", None)
             msg = _first_line(e)
             return f"{url}: {msg} (S3 {code})" if url and url not in msg else f"{msg} (S3 {code})"
-        if isinstance(e, storage.StorageError) and getattr(e, "permanent", False):
-            return str(e)
+        text = str(e)
+        m = _ERRNO_RE.search(text)
+        if m and int(m.group(1)) in PERMANENT_ERRNOS:
+            name = _errno.errorcode.get(int(m.group(1)), m.group(1))
+            return f"{m.group(3)}: {m.group(2)} ({name})" if m.group(3) else f"{m.group(2)} ({name})"
+        m = _S3_RE.search(text)
+        if m:
+            return f"{m.group(1).strip()} (S3 {m.group(2)})"
     return None
 
 

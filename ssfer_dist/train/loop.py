@@ -180,9 +180,11 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
 
     state = TrainState(stage=plan.stage, seeds=seeds)
     watchdog.beat("checkpoint restore")
+    ray_ckpt = ray.train.get_checkpoint()
     if rank == 0:                                # no partial checkpoint survives (nothing else writes now)
-        ckpt_mod.sweep_incomplete(plan.run_url)
-    resumed = ckpt_mod.restore(ray.train.get_checkpoint(), engine, task)
+        keep = [os.path.basename(ray_ckpt.path.rstrip("/"))] if ray_ckpt is not None else []
+        ckpt_mod.sweep_incomplete(plan.run_url, keep=keep)
+    resumed = ckpt_mod.restore(ray_ckpt, engine, task)
     if resumed is not None:
         state = resumed
         log.info("rank %d resumed at step %d (micro-batch %d, data epoch %d)", rank, state.step,
