@@ -9,7 +9,8 @@ A checkpoint folder (``<storage>/<run>/checkpoint_<step>``) holds
   and plain values only, loaded with ``weights_only=True``; absent when the task keeps none.
 
 - ``_parts/rank<r>.json`` each rank's list of the files it wrote (name → bytes), uploaded after them;
-- ``_COMMITTED``        written last by rank 0, after every rank's upload returned and a barrier.
+- ``_COMMITTED``        written last by rank 0, after a barrier that follows every rank's upload, once it
+  has checked that every rank's part list is there and every listed file has its size.
 
 Each rank uploads its own files through :mod:`ssfer_dist.storage` (retried through transient faults for
 ``run.storage_retry_s``; Ray's ``checkpoint_upload_fn``), so Ray merges the ranks' files into one
@@ -103,8 +104,11 @@ def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, An
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()          # every rank's files and part list are uploaded
+        torch.distributed.barrier()          # every rank's files and part list are uploaded ...
     if rank == 0:
+        # ... checked, not assumed: a barrier torn down by a failing peer's shutdown can return early
+        if not is_complete(dest):
+            raise RuntimeError(f"checkpoint {dest}: not every rank's part arrived; not committed")
         _commit(dest, state.step)
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -185,8 +186,10 @@ def ensure_ray(cfg: Config) -> None:
         raise UserError(f"could not start a local Ray: {type(e).__name__}: {why} (logs: {kw['_temp_dir']})") from None
 
 
-def _storage_args(url: str) -> Dict[str, Any]:
-    """RunConfig storage arguments: a local folder, or a pyarrow S3 filesystem built from the AWS_* env."""
+def _storage_args(url: str, retry_s: float = 120.0) -> Dict[str, Any]:
+    """RunConfig storage arguments: a local folder, or a pyarrow S3 filesystem built from the AWS_* env
+    (what Ray Train itself writes there — its checkpoint-manager snapshot — retried with the AWS SDK's
+    exponential backoff, 25 ms × 2^k, for about ``retry_s``)."""
     if not storage.is_s3(url):
         return {"storage_path": os.path.abspath(url)}
     import pyarrow.fs as pafs
@@ -202,6 +205,8 @@ def _storage_args(url: str) -> Dict[str, Any]:
         kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
                   session_token=os.environ.get("AWS_SESSION_TOKEN"))
     kw["region"] = os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1"))
+    attempts = max(3, math.ceil(math.log2(max(retry_s, 0.0) / 0.025 + 1)))
+    kw["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts)
     fs = pafs.S3FileSystem(**kw)
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
@@ -214,6 +219,7 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
     from ssfer_dist.train.loop import train_loop_per_worker
 
     cfg = absolute_paths(cfg)          # configs built in code (from_dict) may hold relative paths
+    storage.set_retry_budget(cfg.run.storage_retry_s)
     if plan is None:
         plan = preflight(cfg)
     ensure_ray(cfg)
@@ -235,7 +241,7 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
         name=cfg.run.name,
         failure_config=ray.train.FailureConfig(max_failures=fc.max_failures, controller_failure_limit=start_retries),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        **_storage_args(_abs_storage(cfg.run.storage)),
+        **_storage_args(_abs_storage(cfg.run.storage), cfg.run.storage_retry_s),
     )
     payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env(sc.use_gpu)}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,

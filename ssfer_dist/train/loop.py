@@ -151,7 +151,10 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     stage = get_stage(plan.stage)
     sub = StageConfigs.of(cfg)
     for k, v in payload.get("env", {}).items():
-        os.environ.setdefault(k, v)
+        if k.startswith("AWS_"):        # the storage the driver checked in pre-flight, not a stale one
+            os.environ[k] = v
+        else:
+            os.environ.setdefault(k, v)
     # DeepSpeed's accelerator must match this worker's devices (read before deepspeed is imported)
     os.environ["DS_ACCELERATOR"] = "cuda" if (cfg.scaling.use_gpu and torch.cuda.is_available()) else "cpu"
     storage.set_retry_budget(cfg.run.storage_retry_s)
