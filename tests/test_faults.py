@@ -293,3 +293,39 @@ def test_s3_reads_and_writes_ride_out_an_outage(s3_bucket, monkeypatch):
         storage.get_bytes(f"{s3_bucket}/missing.bin")
     assert time.monotonic() - t0 < 5
     assert faults.classify(ei.value) is not None
+
+
+def test_ray_start_up_failures_are_one_line(monkeypatch):
+    import ray
+
+    from ssfer_dist.config import Config
+    from ssfer_dist.distributed import launch
+    from ssfer_dist.errors import UserError
+
+    def boom(*a, **kw):
+        raise TimeoutError("Timed out after 60 seconds waiting for the GCS to start.\nmore detail")
+
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "")      # restored afterwards: ensure_ray sets it
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", boom)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    with pytest.raises(UserError, match=r"^RAY_ADDRESS=10.0.0.9:6379: could not connect to Ray: TimeoutError: "
+                                        r"Timed out after 60 seconds waiting for the GCS to start.$"):
+        launch.ensure_ray(Config())
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(UserError,
+                       match=r"^could not start a local Ray: TimeoutError: Timed out .*\(logs: .*ssfer-ray-"):
+        launch.ensure_ray(Config())
+
+
+def test_private_local_ray_arguments_differ_per_run(monkeypatch):
+    from ssfer_dist.distributed.localray import private_init_kwargs
+
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "")      # restored afterwards: the function sets it
+    a = private_init_kwargs({"env_vars": {"X": "1"}})
+    b = private_init_kwargs({})
+    assert a["_temp_dir"] != b["_temp_dir"] and a["dashboard_port"] != b["dashboard_port"]
+    assert a["dashboard_host"] == "127.0.0.1"
+    assert a["runtime_env"]["env_vars"] == {"X": "1", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{a['dashboard_port']}"}
+    for k in (a, b):
+        os.rmdir(k["_temp_dir"])

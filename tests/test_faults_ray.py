@@ -215,3 +215,43 @@ def test_a_20s_storage_outage_mid_run_is_absorbed_without_a_restart(ray_local, s
         assert done and all(ck.is_complete(storage.join(run, d)) for d in done)
     finally:
         weed.stop()
+
+
+# ------------------------------------------------------------------------------ two runs, one machine
+
+
+@pytest.mark.timeout(1500)
+def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_path):
+    """Each `ssfer run` starts a local Ray of its own (temp folder, dashboard port, state-API address):
+    both finish, and neither logs Ray's "Found multiple active Ray instances"."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    procs = []
+    for name in ("twin-a", "twin-b"):
+        args = [sys.executable, "-m", "ssfer_dist", "run", PRETRAIN]
+        for o in _ov(name, shards, tmp_path / "runs", ["train.max_steps=4", "checkpoint.every_steps=0",
+                                                       "failure.max_failures=0", "failure.start_timeout_s=300"]):
+            args += ["--set", o]
+        log = open(tmp_path / f"{name}.log", "wb")
+        procs.append((name, subprocess.Popen(args, env=env, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True), log))
+    try:
+        for name, p, _log in procs:
+            assert p.wait(timeout=1300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for _name, p, log in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+            log.close()
+    temp_dirs = set()
+    for name, _p, _log in procs:
+        out = (tmp_path / f"{name}.log").read_text()
+        assert "Found multiple active Ray instances" not in out, name
+        assert os.path.exists(tmp_path / "runs" / name / "export" / "model.safetensors")
+        m = re.search(r"private local Ray in (\S+) ", out)
+        assert m, name
+        temp_dirs.add(m.group(1))
+    assert len(temp_dirs) == 2

@@ -181,6 +181,8 @@ def ensure_ray(cfg: Config) -> None:
     try:
         ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
                  object_store_memory=256 * 1024 * 1024, log_to_driver=True, **kw)
+        log.info("started a private local Ray in %s (dashboard %s)", kw["_temp_dir"],
+                 kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"])
     except Exception as e:   # e.g. a start-up timeout: one line, not a traceback
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"could not start a local Ray: {type(e).__name__}: {why} (logs: {kw['_temp_dir']})") from None
