@@ -178,6 +178,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     groups = stage.param_groups(sub, trainable)
     optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr)
     watchdog.beat("DeepSpeed initialisation")
+    faults.skip_cpu_shm_comm_build()
     engine = build_engine(trainable, optimizer, ds_config(cfg.train, plan.batch_size_per_rank, plan.global_batch))
     gather = gather_ctx(cfg.train.zero_stage)
 
