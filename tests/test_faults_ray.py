@@ -255,3 +255,48 @@ def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_pa
         assert m, name
         temp_dirs.add(m.group(1))
     assert len(temp_dirs) == 2
+
+
+# ------------------------------------------------------------------------------ multi-node: a node is lost
+
+
+@pytest.mark.timeout(1500)
+def test_a_lost_node_is_replaced_and_the_run_resumes_from_s3(s3_bucket, tmp_path):
+    """Two worker nodes (``ray.cluster_utils.Cluster``), storage and shards on S3 only. The node of one
+    worker is removed once step 6 is visible on S3 (metrics are uploaded with each checkpoint, every 4
+    steps) and a new node joins: the run resumes from the last S3 checkpoint, every step is logged once,
+    and the redone steps saw the same batches (digest equal, loss within 1e-4 relative) as the attempt
+    that was cut."""
+    import subprocess
+    import sys
+
+    from ssfer_dist.train.debugdata import face_images, write_shard_folder
+
+    shards = write_shard_folder(f"{s3_bucket}/shards/fr", face_images(128, 32), [-1] * 128, dataset="fr",
+                                num_classes=0, samples_per_shard=16)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    steps = 24
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multinode_node_loss.py"), PRETRAIN, shards,
+                          f"{s3_bucket}/runs", "lost-node", "--steps", str(steps), "--every", "4", "--cut-after", "6"],
+                         env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=1400)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "removed_at" in info and "replaced_at" in info, info
+    resumed = {int(m) for m in re.findall(r"resumed at step (\d+)", out.stderr)}
+    assert len(resumed) == 1 and next(iter(resumed)) % 4 == 0 and next(iter(resumed)) >= 4, resumed
+    start = next(iter(resumed))
+    run = info["run"]
+    rec = [json.loads(x) for x in storage.get_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()]
+    assert [r["step"] for r in rec] == list(range(1, steps + 1))
+    redone_url = storage.join(run, "metrics_redone.jsonl")
+    redone = [json.loads(x) for x in storage.get_bytes(redone_url).decode().splitlines()] \
+        if storage.exists(redone_url) else []
+    by_step = {r["step"]: r for r in rec}
+    assert all(r["step"] > start for r in redone)                 # resumed from that S3 checkpoint
+    for r in redone:
+        assert by_step[r["step"]]["batch_digest"] == r["batch_digest"], r["step"]
+        assert by_step[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-5)
+    assert storage.exists(info["export"])
+    done = sorted({f.split("/")[0] for f in storage.list_files(run) if re.match(r"checkpoint_\d+/", f)})
+    assert done and all(ck.is_complete(storage.join(run, d)) for d in done)
