@@ -96,7 +96,7 @@ def test_a_worker_group_that_cannot_be_placed_fails_in_bounded_time(ray_local, s
     t0 = time.time()
     with pytest.raises(RunFailed, match=r"^run unplaced failed: the worker group could not be placed in time"):
         run_stage(cfg)
-    assert time.time() - t0 < 2 * 10 + 90
+    assert time.time() - t0 < 3 * 10 + 90                           # 3 attempts of 10 s, then one line
 
 
 # ------------------------------------------------------------------------------ storage outage

@@ -237,8 +237,8 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(float(fc.start_timeout_s))
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S",
                           str(float(max(60.0, fc.stall_timeout_s or 600.0))))
-    # start failures are retried as often as worker failures, never forever (Ray's default: -1)
-    start_retries = fc.max_failures if fc.max_failures >= 0 else 3
+    # start failures are retried max(2, max_failures) times, never forever (Ray's default: -1)
+    start_retries = max(2, fc.max_failures)
     run_config = ray.train.RunConfig(
         name=cfg.run.name,
         failure_config=ray.train.FailureConfig(max_failures=fc.max_failures, controller_failure_limit=start_retries),
