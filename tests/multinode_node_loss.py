@@ -62,12 +62,17 @@ def main() -> int:
                 pass
             time.sleep(1.0)
         victim = nodes[1]        # each worker node holds one training worker (the head has no CPU)
-        events["removed_at"] = time.time()
-        events["removed_node"] = victim.node_id
-        cluster.remove_node(victim, allow_graceful=False)
-        nodes.remove(victim)
-        nodes.append(cluster.add_node(num_cpus=1))       # the replacement (an autoscaler would add it)
-        events["replaced_at"] = time.time()
+        try:
+            # the replacement joins (an autoscaler would add it), then the worker's node is lost
+            nodes.append(cluster.add_node(num_cpus=1, wait=False))
+            events["replaced_at"] = time.time()
+            events["removed_at"] = time.time()
+            events["removed_node"] = victim.node_id
+            cluster.remove_node(victim, allow_graceful=False)
+            nodes.remove(victim)
+        except Exception as e:  # reported in the JSON line; the test fails on it
+            events["error"] = f"{type(e).__name__}: {e}"
+            print(f"node loss injection failed: {events['error']}", file=sys.stderr)
 
     t = threading.Thread(target=lose_a_node, daemon=True)
     t.start()
