@@ -84,7 +84,12 @@ def main() -> int:
         cluster.shutdown()
     except Exception as e:   # Ray 2.60's Cluster.shutdown trips over a node added with wait=False
         print(f"cluster shutdown: {type(e).__name__}: {e}", file=sys.stderr)
-        os._exit(0)
+        for node in [cluster.head_node] + nodes:
+            try:
+                node.kill_all_processes(check_alive=False, allow_graceful=False)
+            except Exception:
+                pass
+        os._exit(0)          # the Cluster's own exit hook would fail the same way
     return 0
 
 
