@@ -51,20 +51,34 @@ def main() -> int:
     run = storage.join(a.storage, a.name)
     events = {}
 
-    def lose_a_node():
-        deadline = time.time() + 1200
-        while time.time() < deadline:
-            try:
-                lines = storage.get_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()
-                if lines and json.loads(lines[-1])["step"] >= a.cut_after:
-                    break
-            except Exception:
-                pass
-            time.sleep(1.0)
+    # Ray's Cluster starts nodes with signal handlers (main thread only): the run goes to a thread, the
+    # node loss is injected from here
+    from ssfer_dist.distributed.launch import ensure_ray
+
+    ensure_ray(cfg)
+    result = {}
+
+    def train():
+        try:
+            result["res"] = run_stage(cfg)
+        except BaseException as e:  # reported below
+            result["error"] = e
+
+    t = threading.Thread(target=train, daemon=True)
+    t.start()
+    while t.is_alive():                    # wait until the run has logged step >= cut-after on S3
+        try:
+            lines = storage.get_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= a.cut_after:
+                break
+        except Exception:
+            pass
+        time.sleep(1.0)
+    if t.is_alive():
         victim = nodes[1]        # each worker node holds one training worker (the head has no CPU)
         try:
             # the replacement joins (an autoscaler would add it), then the worker's node is lost
-            nodes.append(cluster.add_node(num_cpus=1, wait=False))
+            nodes.append(cluster.add_node(num_cpus=1))
             events["replaced_at"] = time.time()
             events["removed_at"] = time.time()
             events["removed_node"] = victim.node_id
@@ -73,11 +87,10 @@ def main() -> int:
         except Exception as e:  # reported in the JSON line; the test fails on it
             events["error"] = f"{type(e).__name__}: {e}"
             print(f"node loss injection failed: {events['error']}", file=sys.stderr)
-
-    t = threading.Thread(target=lose_a_node, daemon=True)
-    t.start()
-    res = run_stage(cfg)
-    t.join(timeout=60)
+    t.join(timeout=1200)
+    if "error" in result:
+        raise result["error"]
+    res = result["res"]
     print(json.dumps({"run": res.run_url, "export": res.export_path, **events}))
     sys.stdout.flush()
     try:
