@@ -35,7 +35,7 @@ from ssfer_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 __all__ = ["Source", "View", "StreamSpec", "ShardStream", "make_loader", "stream_seed", "split_urls",
-           "decode_image"]
+           "decode_image", "RawDecode", "draft_decoded_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +53,13 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class View:
     """One augmented view of a sample: ``name`` in the batch, transform ``kind``
-    (``data.transforms.build_transform``)."""
+    (``data.transforms.build_transform``). ``on_device``: the CPU only decodes (uint8 at the stored size,
+    or the JPEG bytes with ``decode="device"``) and ``data.device_aug.DeviceAugment`` makes the view on
+    the training device."""
 
     name: str
     kind: str
+    on_device: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,7 @@ class StreamSpec:
     batch_size: int
     labeled: bool
     prefix: str = ""                  # key prefix in the batch ("" labeled, "u_" unlabeled)
+    raw_size: int = 0                 # stored image size (on-device views; 0: the lane's first image sets it)
 
 
 def stream_seed(seed: int, rank: int, lane: int, epoch: int, tag: str = "") -> int:
@@ -98,6 +102,7 @@ class _Counter:
     def __init__(self) -> None:
         self.count = 0
         self.in_a_row = 0
+        self.resized = 0         # decode-only views: images not at the stream's size, resized on the CPU
 
     def ok(self) -> None:
         self.in_a_row = 0
@@ -126,6 +131,54 @@ def decode_image(data: bytes, draft_size: Optional[int] = None):
         img.draft("RGB", (draft_size, draft_size))
     img = img.convert("RGB")
     return img, img.size[0] / float(w0)
+
+
+def draft_decoded_size(size: int, draft_size: Optional[int]) -> int:
+    """The side of a ``size`` x ``size`` JPEG decoded with ``Image.draft`` towards ``draft_size`` (PIL's
+    DCT scaling: 1/1, 1/2, 1/4 or 1/8, the result still >= ``draft_size``; sides round up)."""
+    if not draft_size:
+        return size
+    a = max((f for f in (8, 4, 2, 1) if size // draft_size >= f), default=1)
+    return (size + a - 1) // a
+
+
+class RawDecode:
+    """Decode-only for on-device views: ``(sample, PIL image, box) -> (uint8 [3, R, R] or JPEG bytes, box)``.
+
+    ``R`` is the stream's stored size (after draft) or, with ``raw_size`` 0, the first image's. An image of
+    another size (a shard that breaks the fixed-size contract) is resized to R on the CPU, its box with it,
+    and counted in ``counter.resized`` (the batch's ``__resized__``); collation never sees mixed sizes. With
+    ``ship_bytes`` the JPEG goes as is (the device decodes, ``DeviceAugment`` resizes strays there).
+    """
+
+    def __init__(self, raw_size: int, draft_size: Optional[int], counter: "_Counter") -> None:
+        self.size: Optional[Tuple[int, int]] = None
+        if raw_size:
+            r = draft_decoded_size(int(raw_size), draft_size)
+            self.size = (r, r)
+        self.counter = counter
+
+    def __call__(self, sample: Dict[str, Any], img, box: Optional[np.ndarray], ship_bytes: bool):
+        from PIL import Image
+
+        if ship_bytes:
+            if box is None:        # whole image: its size from the JPEG header (no decode)
+                w, h = Image.open(io.BytesIO(sample[EXT_IMAGE])).size
+                box = np.array([0, 0, w, h], dtype=np.float32)
+            return sample[EXT_IMAGE], np.asarray(box, dtype=np.float32)
+        w, h = img.size
+        b = np.array([0, 0, w, h] if box is None else box, dtype=np.float32)
+        if self.size is None:
+            self.size = (w, h)
+        if (w, h) != self.size:
+            self.counter.resized += 1
+            if self.counter.resized <= 5:
+                log.warning("%s: image %s is %dx%d, the stream's are %dx%d: resized on the CPU",
+                            sample.get("__url__", "?"), sample.get("__key__", "?"), w, h, *self.size)
+            img = img.resize(self.size, Image.BICUBIC)
+            b *= np.array([self.size[0] / w, self.size[1] / h] * 2, dtype=np.float32)
+        t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+        return t, b
 
 
 def _resampled(urls: List[str], rng: random.Random) -> Iterator[Dict[str, str]]:
@@ -170,7 +223,8 @@ class ShardStream(IterableDataset):
     def __init__(self, specs: Sequence[StreamSpec], *, img_size: int, rank: int, world_size: int,
                  batches_per_epoch: int, seed: int, shuffle_buffer: int = 1000, uint8: bool = True,
                  draft: bool = False, start_batch: int = 0, num_lanes: int = 1,
-                 transform_factory: Optional[Callable[[str, int, bool], Callable]] = None) -> None:
+                 transform_factory: Optional[Callable[[str, int, bool], Callable]] = None,
+                 decode: str = "cpu") -> None:
         super().__init__()
         self.specs = tuple(specs)
         self.img_size = img_size
@@ -184,6 +238,9 @@ class ShardStream(IterableDataset):
         self.start_batch = int(start_batch)
         self.num_lanes = max(1, int(num_lanes))
         self.transform_factory = transform_factory
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
+        self.decode = decode
 
     # ------------------------------------------------------------------ per-sample work
 
@@ -193,19 +250,30 @@ class ShardStream(IterableDataset):
             from ssfer_dist.data.transforms import build_transform
 
             factory = build_transform
-        kinds = {v.kind for s in self.specs for v in s.views}
+        kinds = {v.kind for s in self.specs for v in s.views if not v.on_device}
         return {k: factory(k, self.img_size, self.uint8) for k in kinds}
 
     def _decode_fn(self, spec: StreamSpec, tfs: Dict[str, Callable], counter: "_Counter"):
         draft = self.img_size if self.draft else None
+        ship_bytes = self.decode == "device"
+        on_device = any(v.on_device for v in spec.views)
+        need_pil = any(not v.on_device for v in spec.views) or (on_device and not ship_bytes)
+        raw = RawDecode(spec.raw_size, draft if not ship_bytes else None, counter)
 
         def decode(sample: Dict[str, Any]) -> Dict[str, Any]:
-            img, scale = decode_image(sample[EXT_IMAGE], draft)
+            img, scale = decode_image(sample[EXT_IMAGE], draft) if need_pil else (None, 1.0)
             box = None
             if EXT_META in sample:
                 box = np.asarray(json.loads(sample[EXT_META])["box"], dtype=np.float32) * scale
             out: Dict[str, Any] = {}
+            if on_device:       # decode only: uint8 at the stream's stored size (or the JPEG bytes) + raw box
+                raw_img, raw_box = raw(sample, img, box, ship_bytes)
             for v in spec.views:
+                if v.on_device:
+                    out[spec.prefix + v.name] = raw_img
+                    if v.name == "image":
+                        out["box"] = torch.as_tensor(raw_box)
+                    continue
                 x, b = tfs[v.kind](img, box)
                 out[spec.prefix + v.name] = x
                 if v.name == "image":
@@ -281,6 +349,7 @@ class ShardStream(IterableDataset):
             for it in iters:
                 batch.update(next(it))
             batch["__corrupt__"] = torch.tensor([worker, counter.count], dtype=torch.long)
+            batch["__resized__"] = torch.tensor([worker, counter.resized], dtype=torch.long)
             batch["__index__"] = torch.tensor(k, dtype=torch.long)
             yield batch
             k += L
