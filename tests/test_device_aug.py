@@ -220,12 +220,16 @@ def test_shard_with_mixed_sizes_is_resized_and_counted(tmp_path):
     assert all(b["image"].shape == (8, 3, 32, 32) for b in batches)
     n_odd = sum(k.endswith(odd) for b in batches for k in b["__key__"])     # resampled: repeats possible
     assert n_odd > 0 and int(batches[-1]["__resized__"][1]) == n_odd and int(batches[-1]["__corrupt__"][1]) == 0
-    # device decode: the strays are resized on the device (counted there), no crash in stacking
+    # device decode: the worker reads each JPEG's header; strays are resized + re-encoded there and counted
     aug = DeviceAugment({"image": "mae"}, 32, seed=0, rank=0)
     batches = _take(_stream(urls, views=DEV, bs=8, decode="device"), 1, 3)
     for b in batches:
         assert aug(b, int(b["__index__"]), torch.device("cpu"))["image"].shape == (8, 3, 32, 32)
-    assert aug.resized == sum(k.endswith(odd) for b in batches for k in b["__key__"]) > 0
+    assert int(batches[-1]["__resized__"][1]) == sum(k.endswith(odd) for b in batches for k in b["__key__"]) > 0
+    assert aug.resized == 0
+    # ... and the device-side stack still resizes a stray it is handed (first image's size wins)
+    x, scale = aug._stack([torch.zeros(3, 32, 32, dtype=torch.uint8), torch.zeros(3, 48, 48, dtype=torch.uint8)])
+    assert x.shape == (2, 3, 32, 32) and aug.resized == 1 and scale[1].tolist() == pytest.approx([32 / 48] * 4)
 
 
 def test_undecodable_jpeg_in_a_device_batch_is_replaced_and_counted():

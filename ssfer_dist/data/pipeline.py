@@ -148,7 +148,8 @@ class RawDecode:
     ``R`` is the stream's stored size (after draft) or, with ``raw_size`` 0, the first image's. An image of
     another size (a shard that breaks the fixed-size contract) is resized to R on the CPU, its box with it,
     and counted in ``counter.resized`` (the batch's ``__resized__``); collation never sees mixed sizes. With
-    ``ship_bytes`` the JPEG goes as is (the device decodes, ``DeviceAugment`` resizes strays there).
+    ``ship_bytes`` the JPEG goes as is (its size read from the header; a stray is decoded, resized and
+    re-encoded here, so the device decodes one size).
     """
 
     def __init__(self, raw_size: int, draft_size: Optional[int], counter: "_Counter") -> None:
@@ -161,11 +162,9 @@ class RawDecode:
     def __call__(self, sample: Dict[str, Any], img, box: Optional[np.ndarray], ship_bytes: bool):
         from PIL import Image
 
-        if ship_bytes:
-            if box is None:        # whole image: its size from the JPEG header (no decode)
-                w, h = Image.open(io.BytesIO(sample[EXT_IMAGE])).size
-                box = np.array([0, 0, w, h], dtype=np.float32)
-            return sample[EXT_IMAGE], np.asarray(box, dtype=np.float32)
+        data = sample[EXT_IMAGE]
+        if ship_bytes:             # the size from the JPEG header (no decode)
+            img = Image.open(io.BytesIO(data))
         w, h = img.size
         b = np.array([0, 0, w, h] if box is None else box, dtype=np.float32)
         if self.size is None:
@@ -175,8 +174,14 @@ class RawDecode:
             if self.counter.resized <= 5:
                 log.warning("%s: image %s is %dx%d, the stream's are %dx%d: resized on the CPU",
                             sample.get("__url__", "?"), sample.get("__key__", "?"), w, h, *self.size)
-            img = img.resize(self.size, Image.BICUBIC)
+            img = img.convert("RGB").resize(self.size, Image.BICUBIC)
             b *= np.array([self.size[0] / w, self.size[1] / h] * 2, dtype=np.float32)
+            if ship_bytes:
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=95)
+                return buf.getvalue(), b
+        if ship_bytes:
+            return data, b
         t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
         return t, b
 
