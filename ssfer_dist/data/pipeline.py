@@ -376,7 +376,12 @@ def _collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     for key in samples[0]:
         vals = [s[key] for s in samples]
         if isinstance(vals[0], torch.Tensor):
-            out[key] = torch.stack(vals)
+            if vals[0].dim() == 3 and vals[0].stride(0) == 1 and vals[0].shape[0] > 1:
+                # [C, H, W] views of H x W x C memory (decode-only views): one memcpy per image into an
+                # N x H x W x C batch, shipped as its [N, C, H, W] (channels-last) view
+                out[key] = torch.stack([v.permute(1, 2, 0) for v in vals]).permute(0, 3, 1, 2)
+            else:
+                out[key] = torch.stack(vals)
         elif isinstance(vals[0], np.ndarray):
             out[key] = torch.from_numpy(np.stack(vals))
         elif isinstance(vals[0], int):
