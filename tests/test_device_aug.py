@@ -121,7 +121,7 @@ def test_pixels_follow_the_box():
 
 
 def test_same_index_same_views_and_the_seed_matters():
-    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)      # as the loader ships it: N, H, W, C
     box = torch.tensor([[4.0, 4.0, 28.0, 28.0]] * 4)
     aug = DeviceAugment({"image": "mae"}, 16, seed=3, rank=0)
     a, b = aug({"image": x, "box": box}, 5), aug({"image": x, "box": box}, 5)
@@ -174,7 +174,7 @@ def test_decode_only_views_and_device_decode_agree(shards):
     views = place_views((View("image", "weak"),), "device")
     raw = _take(_stream(urls, views=views, labeled=True), 1, 2)[1]
     byt = _take(_stream(urls, views=views, labeled=True, decode="device"), 1, 2)[1]
-    assert raw["image"].shape == (8, 3, 32, 32) and raw["image"].dtype == torch.uint8
+    assert raw["image"].shape == (8, 32, 32, 3) and raw["image"].dtype == torch.uint8   # as decoded
     assert isinstance(byt["image"], list) and isinstance(byt["image"][0], bytes)
     assert raw["__key__"] == byt["__key__"]
     torch.testing.assert_close(raw["box"], byt["box"])
@@ -191,7 +191,7 @@ def test_semisup_stream_device_and_cpu_views(shards):
     unl = StreamSpec((Source(tuple(read_manifest(shards["unlabeled"]).shard_urls())),), unl_views, 16, False, "u_")
     b = _take(_stream(read_manifest(shards["labeled"]).shard_urls(), views=lab_views, labeled=True, extra=[unl]),
               1, 1)[0]
-    assert b["u_weak"].shape == (16, 3, 32, 32) and b["u_strong"].shape == (16, 3, 32, 32)
+    assert b["u_weak"].shape == (16, 32, 32, 3) and b["u_strong"].shape == (16, 3, 32, 32)
     out = DeviceAugment({"image": "weak", "u_weak": "weak"}, 24, seed=0, rank=0)(b, 0)
     assert out["image"].shape == (8, 3, 24, 24) and out["u_weak"].shape == (16, 3, 24, 24)
     assert torch.equal(out["u_strong"], b["u_strong"])        # RandAugment view made on the CPU
@@ -217,7 +217,7 @@ def test_shard_with_mixed_sizes_is_resized_and_counted(tmp_path):
     urls = read_manifest(folder).shard_urls()
     odd = ("img00003", "img00010", "img00017")
     batches = _take(_stream(urls, views=DEV, bs=8, raw_size=32), 1, 3)
-    assert all(b["image"].shape == (8, 3, 32, 32) for b in batches)
+    assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
     n_odd = sum(k.endswith(odd) for b in batches for k in b["__key__"])     # resampled: repeats possible
     assert n_odd > 0 and int(batches[-1]["__resized__"][1]) == n_odd and int(batches[-1]["__corrupt__"][1]) == 0
     # device decode: the worker reads each JPEG's header; strays are resized + re-encoded there and counted

@@ -1,7 +1,8 @@
 """Geometric augmentation on the training device, batched: RandomResizedCrop + horizontal flip + resize.
 
 With ``data.augment_on: device`` the loader workers only read and decode (``mae``/``weak`` views arrive as
-uint8 ``[N, 3, H0, W0]`` at the stored size, or as raw JPEG bytes with ``data.decode: device``) and this
+uint8 ``[N, H0, W0, 3]`` at the stored size, channels last as decoded, or as raw JPEG bytes with
+``data.decode: device``) and this
 module finishes the view on the device the model runs on:
 
 1. crop parameters by torchvision's ``RandomResizedCrop.get_params`` rule (10 tries of area-scale and
@@ -203,7 +204,9 @@ class DeviceAugment:
         out = dict(batch)
         for key in self.keys:
             x = out[key]
-            if not isinstance(x, torch.Tensor):          # raw JPEG bytes (data.decode: device)
+            if isinstance(x, torch.Tensor):              # uint8 [N, H, W, 3] as the loader decoded it
+                x = x.permute(0, 3, 1, 2)                    # [N, 3, H, W] view (channels-last memory)
+            else:                                        # raw JPEG bytes (data.decode: device)
                 dev = device if device is not None else (out["box"].device if "box" in out else torch.device("cpu"))
                 imgs, bad = decode_jpegs(x, dev)
                 self.undecodable += bad

@@ -129,7 +129,10 @@ def decode_image(data: bytes, draft_size: Optional[int] = None):
     w0 = img.size[0]
     if draft_size:
         img.draft("RGB", (draft_size, draft_size))
-    img = img.convert("RGB")
+    if img.mode == "RGB":
+        img.load()               # (convert("RGB") would decode and then copy)
+    else:
+        img = img.convert("RGB")
     return img, img.size[0] / float(w0)
 
 
@@ -143,7 +146,8 @@ def draft_decoded_size(size: int, draft_size: Optional[int]) -> int:
 
 
 class RawDecode:
-    """Decode-only for on-device views: ``(sample, PIL image, box) -> (uint8 [3, R, R] or JPEG bytes, box)``.
+    """Decode-only for on-device views: ``(sample, PIL image, box) -> (uint8 [R, R, 3] or JPEG bytes, box)``
+    (batched: uint8 ``[N, R, R, 3]`` as decoded, channels last; ``DeviceAugment`` takes it so).
 
     ``R`` is the stream's stored size (after draft) or, with ``raw_size`` 0, the first image's. An image of
     another size (a shard that breaks the fixed-size contract) is resized to R on the CPU, its box with it,
@@ -182,8 +186,7 @@ class RawDecode:
                 return buf.getvalue(), b
         if ship_bytes:
             return data, b
-        t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-        return t, b
+        return np.asarray(img, dtype=np.uint8), b       # H x W x 3, as decoded
 
 
 def _resampled(urls: List[str], rng: random.Random) -> Iterator[Dict[str, str]]:
@@ -277,12 +280,12 @@ class ShardStream(IterableDataset):
                 if v.on_device:
                     out[spec.prefix + v.name] = raw_img
                     if v.name == "image":
-                        out["box"] = torch.as_tensor(raw_box)
+                        out["box"] = raw_box
                     continue
                 x, b = tfs[v.kind](img, box)
                 out[spec.prefix + v.name] = x
                 if v.name == "image":
-                    out["box"] = torch.as_tensor(np.asarray(b, dtype=np.float32))
+                    out["box"] = np.asarray(b, dtype=np.float32)
             if spec.labeled:
                 out["label"] = int(sample[EXT_CLASS].decode("ascii").strip())
             elif spec.prefix:   # unlabeled stream: true label when the shard has one (pseudo-label accuracy)
@@ -376,12 +379,7 @@ def _collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     for key in samples[0]:
         vals = [s[key] for s in samples]
         if isinstance(vals[0], torch.Tensor):
-            if vals[0].dim() == 3 and vals[0].stride(0) == 1 and vals[0].shape[0] > 1:
-                # [C, H, W] views of H x W x C memory (decode-only views): one memcpy per image into an
-                # N x H x W x C batch, shipped as its [N, C, H, W] (channels-last) view
-                out[key] = torch.stack([v.permute(1, 2, 0) for v in vals]).permute(0, 3, 1, 2)
-            else:
-                out[key] = torch.stack(vals)
+            out[key] = torch.stack(vals)
         elif isinstance(vals[0], np.ndarray):
             out[key] = torch.from_numpy(np.stack(vals))
         elif isinstance(vals[0], int):
