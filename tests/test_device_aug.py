@@ -292,3 +292,27 @@ def test_mae_facemix_semisup_train_through_the_device_path(shards):
     losses = run(task, clf, _stream(lab, views=views, labeled=True, bs=16, extra=[spec]),
                  {"image": "weak", "u_weak": "weak"}, 30, 2e-3)
     assert _loss_falls(losses), losses
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"crop_scale": [0.0, 1.0]}, "data.crop_scale: expected 0 < min <= max <= 1"),
+    ({"crop_ratio": [1.5, 1.0]}, "data.crop_ratio: expected 0 < min <= max"),
+    ({"augment_on": "gpu"}, "data.augment_on"),
+    ({"decode": "device", "augment_on": "cpu"}, "data.decode: device decoding feeds the device augmentation"),
+])
+def test_config_keys_are_checked(data, needle):
+    from ssfer_dist.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        from_dict({"data": dict({"shards": "/x"}, **data)})
+
+
+def test_default_training_views_are_placed_on_the_device():
+    from ssfer_dist.config import Config, SemiSupCfg, ThresholdCfg, TrainCfg
+    from ssfer_dist.stages import get_stage
+    from ssfer_dist.stages.base import StageConfigs
+
+    cfg = Config(train=TrainCfg(stage="semisup"), semisup=SemiSupCfg(threshold=ThresholdCfg(kind="dtm")))
+    lab, unl = get_stage("semisup").data_views(StageConfigs.of(cfg))
+    assert [v.on_device for v in lab] == [True]
+    assert {v.name: v.on_device for v in unl} == {"weak": True, "strong": False, "weak2": True}
