@@ -5,6 +5,8 @@ byte-identical), 224-px MAE views (RandomResizedCrop 0.2-1 bicubic + flip), one 
 per repeat:
 
 - ``decode-only``      PIL decode of the shard JPEGs to uint8, no augmentation (the ceiling);
+- ``decode-only tv``   the same with ``torchvision.io.decode_jpeg`` (what the workers use for decode-only views
+                        when PIL's draft cannot help: same pixels, no Python header parse);
 - ``ours aug=device``  ``ShardStream`` with ``data.augment_on: device``: tar → decode → uint8 batch at the
                         stored size + boxes; crop/flip/resize happen on the training device (``DeviceAugment``);
 - ``ours dec=device``  ``data.decode: device``: the worker ships JPEG bytes (header read only);
@@ -101,6 +103,22 @@ def bench_decode_only(urls, n):
     count = 0
     for s in wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples()):
         np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+        count += 1
+        if count >= n:
+            break
+    return _rates(count, t)
+
+
+def bench_decode_only_tv(urls, n):
+    """The same with torchvision's decode_jpeg (libjpeg-turbo without PIL's Python header parse)."""
+    import webdataset as wds
+
+    from ssfer_dist.data.pipeline import decode_hwc
+
+    t = _clock()
+    count = 0
+    for s in wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples()):
+        decode_hwc(s["jpg"])
         count += 1
         if count >= n:
             break
@@ -220,6 +238,7 @@ def main(argv=None) -> int:
         rows = {}
         for _ in range(a.repeats):
             for name, fn in (("decode-only", lambda: bench_decode_only(urls, a.images)),
+                             ("decode-only tv", lambda: bench_decode_only_tv(urls, a.images)),
                              ("ours aug=device", lambda: bench_ours(urls, a.images, a.batch, "device")),
                              ("ours dec=device", lambda: bench_ours(urls, a.images, a.batch, "device", "device")),
                              ("ours aug=cpu", lambda: bench_ours(urls, a.images, a.batch, "cpu")),

@@ -316,3 +316,20 @@ def test_default_training_views_are_placed_on_the_device():
     lab, unl = get_stage("semisup").data_views(StageConfigs.of(cfg))
     assert [v.on_device for v in lab] == [True]
     assert {v.name: v.on_device for v in unl} == {"weak": True, "strong": False, "weak2": True}
+
+
+def test_fast_decode_is_pils_pixels_and_corrupt_samples_are_counted(tmp_path):
+    import io
+
+    from ssfer_dist.data.pipeline import decode_hwc, decode_image
+
+    for im in face_images(4, 40):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=90)
+        np.testing.assert_array_equal(decode_hwc(buf.getvalue()), np.asarray(decode_image(buf.getvalue())[0]))
+    folder = write_shard_folder(str(tmp_path / "bad"), face_images(40, 32), [-1] * 40, dataset="bad",
+                                num_classes=0, samples_per_shard=10, corrupt_every=4)
+    batches = _take(_stream(read_manifest(folder).shard_urls(), views=DEV), 1, 6)
+    assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
+    assert int(batches[-1]["__corrupt__"][1]) > 0
+    assert all("img00003" not in k for b in batches for k in b["__key__"])
