@@ -66,6 +66,9 @@ def _add_build(sub) -> None:
                    help=f"skip images of more pixels (decompression-bomb guard; default {d('max_pixels')})")
     p.add_argument("--ray", action="store_true", default=None,
                    help="run shard tasks on Ray (also when RAY_ADDRESS is set)")
+    p.add_argument("--allow-outside", action="store_true", default=None,
+                   help="read files that label-file paths or links place outside --input (refused by default; "
+                        "refused ones are counted in report.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_cmd_build)
 
