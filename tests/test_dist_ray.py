@@ -239,10 +239,11 @@ def _ray_places(ray) -> dict:
                         places[p] = f.read()
                 except OSError:
                     pass
+    url = ray._private.worker.get_dashboard_url()      # this session's Ray (others may run on the machine)
     for fn in (state.list_actors, state.list_jobs, state.list_workers, state.list_tasks,
                state.list_placement_groups, state.list_nodes):
-        places[f"state.{fn.__name__}"] = repr(fn(detail=True, limit=10000, raise_on_missing_output=False)).encode()
-    url = ray._private.worker.get_dashboard_url()
+        got = fn(address=f"http://{url}", detail=True, limit=10000, raise_on_missing_output=False)
+        places[f"state.{fn.__name__}"] = repr(got).encode()
     for path in ("/logical/actors", "/api/jobs/", "/nodes?view=summary", "/api/v0/tasks?detail=1"):
         with urllib.request.urlopen(f"http://{url}{path}", timeout=30) as r:
             places[f"dashboard{path}"] = r.read()

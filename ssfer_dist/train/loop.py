@@ -162,7 +162,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
                          world_size=world, batches_per_epoch=bpe, seed=cfg.run.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, uint8=cfg.data.uint8,
                          draft=cfg.data.draft_decode, start_batch=state.micro_batch,
-                         num_lanes=max(1, cfg.data.num_loader_workers))
+                         num_lanes=max(1, cfg.data.num_loader_workers),
+                         max_member_bytes=cfg.data.max_member_bytes)
     batches = iter(make_loader(stream, cfg.data.num_loader_workers))
 
     global_batch = plan.global_batch
