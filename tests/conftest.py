@@ -147,14 +147,14 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """A small local Ray instance shared by the session (2 CPUs, with the dashboard and its state API).
+    """A small local Ray instance shared by the session (2 CPUs, no dashboard).
 
     Started after the S3 server's credentials are in ``os.environ``: like a user's local run, the workers
     inherit them from the driver (the launcher never sends credentials through Ray)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, object_store_memory=256 * 1024 * 1024,
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
                  log_to_driver=True, ignore_reinit_error=True)
     yield ray
     ray.shutdown()

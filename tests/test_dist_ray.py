@@ -40,7 +40,21 @@ def _metrics(run_url, name="metrics.jsonl"):
     return [json.loads(x) for x in storage.get_bytes(storage.join(run_url, name)).decode().splitlines() if x.strip()]
 
 
-def test_mae_zero2_on_s3_loss_falls(ray_local, shards, s3_bucket):
+@pytest.fixture
+def launcher_ray(s3_server, monkeypatch):
+    """No Ray running: the launcher starts its own (``ensure_ray``: dashboard, runtime env), as ``ssfer run``
+    does, so what it sends through Ray is what a user's run sends. Shut down afterwards; later tests that
+    need Ray start it again (``ray_local`` users go through ``ensure_ray`` or ``ray.init`` themselves)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_mae_zero2_on_s3_loss_falls(launcher_ray, shards, s3_bucket):
     from ssfer_dist.distributed.launch import run_stage
 
     cfg = _cfg("mae-z2", shards, f"{s3_bucket}/runs", ["train.zero_stage=2", "train.log_every=5"])
