@@ -303,3 +303,14 @@ def test_evaluate_with_no_decodable_sample_is_an_error(tmp_path, capsys):
     rc = main(["evaluate", "--weights", weights, "--shards", folder])
     err = capsys.readouterr().err
     assert rc != 0 and "no sample could be evaluated (12 corrupt" in err and "Traceback" not in err
+
+
+def test_predict_refuses_a_bomb_photo_before_decoding(tmp_path, capsys):
+    from ssfer_dist.predict import predict_cli
+    from tests.test_export import make_weights
+
+    weights = str(tmp_path / "w.safetensors")
+    make_weights(weights, img_size=32)
+    bomb = write(os.path.join(tmp_path, "bomb.jpg"), _jpeg_bomb(9000, 9000))     # 81 Mpx > the 64 Mpx cap
+    assert predict_cli(weights, [bomb], detector="none") == 1
+    assert "not a readable image (ImageTooLarge)" in capsys.readouterr().err
