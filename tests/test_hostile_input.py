@@ -314,3 +314,57 @@ def test_predict_refuses_a_bomb_photo_before_decoding(tmp_path, capsys):
     bomb = write(os.path.join(tmp_path, "bomb.jpg"), _jpeg_bomb(9000, 9000))     # 81 Mpx > the 64 Mpx cap
     assert predict_cli(weights, [bomb], detector="none") == 1
     assert "not a readable image (ImageTooLarge)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- secrets, unit level (item 1)
+def test_worker_env_and_storage_filesystem_carry_no_credential(monkeypatch, tmp_path):
+    """What the launcher hands to Ray (runtime env, payload env, pickled RunConfig filesystem) holds no
+    credential; the end-to-end search is tests/test_dist_ray.py::test_mae_zero2_on_s3_loss_falls."""
+    import pickle
+
+    from ssfer_dist.distributed import launch
+    from ssfer_dist.worker_env import non_secret_env
+
+    secret = "unit-secret-" + os.urandom(6).hex()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unit-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", secret + "-token")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    env = launch._worker_env(False)
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1" and env["AWS_REGION"] == "eu-west-1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+    assert secret not in repr(env)
+    # even a caller asking for them by name gets nothing secret
+    assert non_secret_env(["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MY_API_TOKEN", "AWS_REGION"],
+                          {"AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t", "MY_API_TOKEN": "u",
+                           "AWS_REGION": "r"}) == {"AWS_REGION": "r"}
+    from sharding.build import _forward_env
+
+    fwd = _forward_env()
+    assert fwd.get("AWS_ENDPOINT_URL") == "http://127.0.0.1:1"
+    assert secret not in repr(fwd) and "unit-key-id" not in repr(fwd)
+    from ssfer_dist import storage
+
+    monkeypatch.setattr(storage, "ensure_dir", lambda url: None)
+    args = launch._storage_args("s3://bucket/runs")
+    blob = pickle.dumps(args["storage_filesystem"])
+    assert secret.encode() not in blob and b"unit-key-id" not in blob
+
+
+def test_worker_without_credentials_says_so(monkeypatch, tmp_path):
+    from ssfer_dist.worker_env import check_s3_credentials
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
+    monkeypatch.delenv("AWS_WEB_IDENTITY_TOKEN_FILE", raising=False)
+    with pytest.raises(UserError, match=r"run s3://b/r: no S3 credentials in this Ray worker's environment.*ssfer-s3"):
+        check_s3_credentials("run s3://b/r")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    check_s3_credentials("run s3://b/r")
