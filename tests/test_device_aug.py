@@ -333,3 +333,20 @@ def test_fast_decode_is_pils_pixels_and_corrupt_samples_are_counted(tmp_path):
     assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
     assert int(batches[-1]["__corrupt__"][1]) > 0
     assert all("img00003" not in k for b in batches for k in b["__key__"])
+
+
+def test_fast_decode_caps_the_header_pixels_like_pil_open():
+    import io
+
+    from ssfer_dist.data.pipeline import decode_hwc, jpeg_frame_size
+    from ssfer_dist.data.safeimage import ImageTooLarge
+
+    buf = io.BytesIO()
+    Image.new("RGB", (37, 61), (1, 2, 3)).save(buf, format="JPEG", progressive=True)
+    assert jpeg_frame_size(buf.getvalue()) == (37, 61) and decode_hwc(buf.getvalue()).shape == (61, 37, 3)
+    data = bytearray(buf.getvalue())
+    k = bytes(data).find(b"\xff\xc2")                        # progressive SOF: claim 65535 x 65535
+    data[k + 5:k + 9] = b"\xff\xff\xff\xff"
+    with pytest.raises(ImageTooLarge):
+        decode_hwc(bytes(data))
+    assert jpeg_frame_size(b"not a jpeg") is None

@@ -29,7 +29,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ssfer_dist.data.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META
+from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -119,13 +121,44 @@ class _Counter:
         return True
 
 
+def guarded_tarfile_to_samples(handler, max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES):
+    """``webdataset.tarfile_to_samples`` with every member checked first (``data/tario.py``): a member with an
+    absolute or ``..`` name, a link / non-regular member, or one over ``max_member_bytes`` is never read;
+    it is reported to ``handler`` (counted corrupt) and its whole sample dropped (webdataset's ``__bad__``
+    marker). webdataset's URL opener and key grouping are kept, so the samples are the same otherwise."""
+    from webdataset.tariterators import group_by_keys, url_opener
+
+    def members(sources):
+        for source in sources:
+            url = source["url"]
+            try:
+                for name, data in iter_tar_members(source["stream"], max_member_bytes,
+                                                   lambda p, url=url: handler(CorruptMember(f"{url}: {p}"))):
+                    if data is None:
+                        yield {"fname": split_member_name(name)[0] + ".__bad__", "data": True, "__url__": url}
+                    else:
+                        yield {"fname": name, "data": data, "__url__": url}
+                yield {}     # end of shard: samples never span shards
+            except Exception as exn:  # noqa: BLE001 - a torn tar is a corrupt shard, counted like webdataset does
+                exn.args = exn.args + (url,)
+                if not handler(exn):
+                    break
+
+    def expand(src):
+        return group_by_keys(members(url_opener(src, handler=handler)), handler=handler)
+
+    return expand
+
+
+class CorruptMember(ValueError):
+    """A refused tar member (see :func:`guarded_tarfile_to_samples`)."""
+
+
 def decode_image(data: bytes, draft_size: Optional[int] = None):
     """JPEG bytes → (PIL RGB image, scale). With ``draft_size`` the JPEG decoder may downscale by 2/4/8
     on the fly (PIL ``Image.draft``) while the result stays ≥ ``draft_size``; ``scale`` is the factor
     applied to the stored image's pixel frame (1.0 without draft)."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)      # refuses a header claiming a huge frame before any pixel is decoded
     w0 = img.size[0]
     if draft_size:
         img.draft("RGB", (draft_size, draft_size))
@@ -136,12 +169,43 @@ def decode_image(data: bytes, draft_size: Optional[int] = None):
     return img, img.size[0] / float(w0)
 
 
-def decode_hwc(data: bytes) -> np.ndarray:
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from a JPEG's SOF marker (a few segment hops, no decode), None when not found."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:                      # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if m in _SOF:
+            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6]
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def decode_hwc(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """JPEG bytes → uint8 H x W x 3 with ``torchvision.io.decode_jpeg`` (libjpeg-turbo, no Python header
-    parse: ~1.5x PIL per small face here, same pixels). Raises on a corrupt JPEG like PIL does."""
+    parse: ~1.5x PIL per small face here, same pixels). The SOF header's pixel count is capped first like
+    ``safeimage.open_image`` (a header without one goes through PIL). Raises on a corrupt JPEG like PIL."""
     import warnings
 
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    size = jpeg_frame_size(data)
+    if size is None:
+        return np.asarray(decode_image(data)[0], dtype=np.uint8)
+    if size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(f"JPEG header claims {size[0]}x{size[1]} pixels, over the {max_pixels}-pixel cap")
 
     with warnings.catch_warnings():   # torchvision >= 0.29 warns on every call (TorchCodec supersedes it)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -180,8 +244,8 @@ class RawDecode:
         from PIL import Image
 
         data = sample[EXT_IMAGE]
-        if ship_bytes:             # the size from the JPEG header (no decode)
-            img = Image.open(io.BytesIO(data))
+        if ship_bytes:             # the size from the JPEG header (no decode; pixel cap checked)
+            img = open_image(data)
         if isinstance(img, np.ndarray):          # decoded by decode_hwc
             (h, w), arr = img.shape[:2], img
             if self.size is None or (w, h) == self.size:
@@ -214,11 +278,12 @@ def _resampled(urls: List[str], rng: random.Random) -> Iterator[Dict[str, str]]:
         yield {"url": urls[rng.randrange(len(urls))]}
 
 
-def _indexed_samples(shards: Iterator[Dict[str, str]], offsets: Dict[str, int], handler) -> Iterator[Dict[str, Any]]:
+def _indexed_samples(shards: Iterator[Dict[str, str]], offsets: Dict[str, int], handler,
+                     max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[Dict[str, Any]]:
     """``tarfile_to_samples`` one shard at a time, each sample tagged ``__sid__`` = the shard's offset +
     its position in the tar (a corrupt member that loses a whole sample shifts the rest of that shard
     by one: the ids stay in range and stable)."""
-    expand = wds.tarfile_to_samples(handler=handler)
+    expand = guarded_tarfile_to_samples(handler, max_member_bytes)
     for src in shards:
         base = offsets[src["url"]]
         for i, sample in enumerate(expand(iter([src]))):
@@ -252,7 +317,8 @@ class ShardStream(IterableDataset):
                  batches_per_epoch: int, seed: int, shuffle_buffer: int = 1000, uint8: bool = True,
                  draft: bool = False, start_batch: int = 0, num_lanes: int = 1,
                  transform_factory: Optional[Callable[[str, int, bool], Callable]] = None,
-                 decode: str = "cpu") -> None:
+                 decode: str = "cpu",
+                 max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES) -> None:
         super().__init__()
         self.specs = tuple(specs)
         self.img_size = img_size
@@ -269,6 +335,7 @@ class ShardStream(IterableDataset):
         if decode not in ("cpu", "device"):
             raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
         self.decode = decode
+        self.max_member_bytes = max_member_bytes
 
     # ------------------------------------------------------------------ per-sample work
 
@@ -332,9 +399,10 @@ class ShardStream(IterableDataset):
             urls = split_urls(src.urls, self.rank, self.world_size, lane, self.num_lanes)
             srng = random.Random(rng.getrandbits(63) + si)
             if src.offsets:  # tar members → samples, each with its stable id
-                expand = partial(_indexed_samples, offsets=dict(zip(src.urls, src.offsets)), handler=counter)
+                expand = partial(_indexed_samples, offsets=dict(zip(src.urls, src.offsets)), handler=counter,
+                                 max_member_bytes=self.max_member_bytes)
             else:            # tar members → samples
-                expand = wds.tarfile_to_samples(handler=counter)
+                expand = guarded_tarfile_to_samples(counter, self.max_member_bytes)
             per_source.append(wds.DataPipeline(
                 lambda urls=urls, srng=srng: _resampled(urls, srng),   # resampled shards (this rank+lane's split)
                 expand,
