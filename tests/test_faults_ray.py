@@ -124,7 +124,18 @@ class _PrivateWeed:
         self.dir = str(tmp_path / "weed")
         os.makedirs(self.dir, exist_ok=True)
         self.bin = _weed_binary()
-        self.env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+        # the identities it accepts: the shared test one and whatever this process (and so the local Ray's
+        # workers, which inherit it) uses
+        mine = (os.environ.get("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+                os.environ.get("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY))
+        idents = {(S3_ACCESS_KEY, S3_SECRET_KEY), mine}
+        conf = os.path.join(self.dir, "s3.json")
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            json.dump({"identities": [{"name": f"id{i}", "credentials": [{"accessKey": a, "secretKey": k}],
+                                       "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
+                                      for i, (a, k) in enumerate(sorted(idents))]}, f)
+        self.flags.append(f"-s3.config={conf}")
+        self.env = dict(os.environ)
         self.proc = None
 
     def start(self, timeout=90):

@@ -14,6 +14,7 @@ import random
 import tempfile
 import time
 import zlib
+from functools import partial
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -36,6 +37,7 @@ from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.train.plan import LaunchPlan
 from ssfer_dist.train.schedule import warmup_cosine
 from ssfer_dist.train.state import TrainState
+from ssfer_dist.worker_env import check_s3_credentials
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     import ray.train
 
     from ssfer_dist.data.pipeline import ShardStream, make_loader
+    from ssfer_dist.data.transforms import build_transform
 
     stage = get_stage(plan.stage)
     sub = StageConfigs.of(cfg)
@@ -158,6 +161,8 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     # DeepSpeed's accelerator must match this worker's devices (read before deepspeed is imported)
     os.environ["DS_ACCELERATOR"] = "cuda" if (cfg.scaling.use_gpu and torch.cuda.is_available()) else "cpu"
     storage.set_retry_budget(cfg.run.storage_retry_s)
+    if plan.register_s3 or storage.is_s3(plan.run_url):
+        check_s3_credentials(f"run {plan.run_url}")
     if plan.register_s3:
         storage.register_webdataset_s3()
     ctx = ray.train.get_context()
@@ -203,11 +208,16 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
         metrics_log.truncate_after(state.step)
 
     bpe = plan.steps_per_epoch * ga             # micro-batches per epoch per rank
+    d = cfg.data
     stream = ShardStream(stage.stream_specs(sub, plan), img_size=cfg.model.img_size, rank=rank,
                          world_size=world, batches_per_epoch=bpe, seed=cfg.run.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, uint8=cfg.data.uint8,
-                         draft=cfg.data.draft_decode, start_batch=state.micro_batch,
-                         num_lanes=max(1, cfg.data.num_loader_workers))
+                         shuffle_buffer=d.shuffle_buffer, uint8=d.uint8,
+                         draft=d.draft_decode, start_batch=state.micro_batch,
+                         num_lanes=max(1, d.num_loader_workers), decode=d.decode,
+                         transform_factory=partial(build_transform, scale=d.crop_scale, ratio=d.crop_ratio,
+                                                   interpolation=d.interpolation),
+                         max_member_bytes=d.max_member_bytes)
+    device_aug = stage.device_augment(sub, plan, rank)    # mae/weak geometry on this device (augment_on)
     batches = iter(make_loader(stream, cfg.data.num_loader_workers))
 
     global_batch = plan.global_batch
@@ -230,6 +240,8 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
             corrupt_by_lane[lane] = count
             keys_digest = zlib.crc32("|".join(raw.get("__key__", [])).encode(), keys_digest)
             batch = _prepare(raw, device)
+            if device_aug is not None:
+                batch = device_aug(batch, int(raw["__index__"]), device)
             out = task(batch, state.step)
             loss = out["loss"]
             engine.backward(loss)
