@@ -321,11 +321,12 @@ def test_ray_start_up_failures_are_one_line(monkeypatch):
 def test_private_local_ray_arguments_differ_per_run(monkeypatch):
     from ssfer_dist.distributed.localray import private_init_kwargs
 
-    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "")      # restored afterwards: the function sets it
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     a = private_init_kwargs({"env_vars": {"X": "1"}})
     b = private_init_kwargs({})
     assert a["_temp_dir"] != b["_temp_dir"] and a["dashboard_port"] != b["dashboard_port"]
     assert a["dashboard_host"] == "127.0.0.1"
     assert a["runtime_env"]["env_vars"] == {"X": "1", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{a['dashboard_port']}"}
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ        # only the Ray's own processes get it
     for k in (a, b):
         os.rmdir(k["_temp_dir"])

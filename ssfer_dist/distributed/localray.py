@@ -8,7 +8,6 @@ setting that binds the GCS and raylet ports to loopback; they still listen on al
 """
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 from typing import Any, Dict
@@ -28,6 +27,5 @@ def private_init_kwargs(runtime_env: Dict[str, Any]) -> Dict[str, Any]:
     api = f"http://127.0.0.1:{port}"
     env = dict(runtime_env or {})
     env["env_vars"] = dict(env.get("env_vars", {}), RAY_API_SERVER_ADDRESS=api)
-    os.environ["RAY_API_SERVER_ADDRESS"] = api      # the driver's own state-API clients too
     return {"_temp_dir": tempfile.mkdtemp(prefix="ssfer-ray-"), "dashboard_host": "127.0.0.1",
             "dashboard_port": port, "runtime_env": env}
