@@ -157,19 +157,25 @@ def ensure_ray(cfg: Config) -> None:
     """Connect to ``RAY_ADDRESS`` when set, reuse an initialised Ray, else start a small local one."""
     import ray
 
+    from ssfer_dist import console
+
     if ray.is_initialized():
+        console.route_ray_output()
         return
+    console.prepare_ray_import()
     address = os.environ.get("RAY_ADDRESS")
     env = {"env_vars": _worker_env(cfg.scaling.use_gpu)}
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=env, log_to_driver=True)
+        console.route_ray_output()
         return
     need = max(1, int(round(cfg.scaling.num_workers * max(cfg.scaling.cpus_per_worker, 1.0))))
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls (without it every
     # stage logs a warning per second) and lets the user watch the run.
     ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, runtime_env=env,
              object_store_memory=256 * 1024 * 1024, log_to_driver=True)
+    console.route_ray_output()
 
 
 def _storage_args(url: str) -> Dict[str, Any]:
@@ -193,16 +199,25 @@ def _storage_args(url: str) -> Dict[str, Any]:
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
 
-def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
-    """Run one stage to its final step on Ray (resuming from the run's latest checkpoint if any)."""
+def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None, label: Optional[str] = None) -> RunResult:
+    """Run one stage to its final step on Ray (resuming from the run's latest checkpoint if any).
+    ``label`` tags its progress lines (default: the stage name). Every line of the run (ours, Ray's, the
+    workers') goes to ``<run>/logs/ssfer.log``; the console shows only ours (:mod:`ssfer_dist.console`)."""
+    from ssfer_dist import console
+
+    cfg = absolute_paths(cfg)          # configs built in code (from_dict) may hold relative paths
+    if plan is None:
+        plan = preflight(cfg)
+    with console.log_file(plan.run_url) as log_path:
+        return _run_stage(cfg, plan, label or plan.stage, log_path)
+
+
+def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ssfer_dist.train.loop import train_loop_per_worker
 
-    cfg = absolute_paths(cfg)          # configs built in code (from_dict) may hold relative paths
-    if plan is None:
-        plan = preflight(cfg)
     ensure_ray(cfg)
     sc = cfg.scaling
     res: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
@@ -216,19 +231,20 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         **_storage_args(_abs_storage(cfg.run.storage)),
     )
-    payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env(sc.use_gpu)}
+    payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env(sc.use_gpu), "label": label}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"))
-    log.info("[%s] run %s: %d workers, %d steps, global batch %d, lr %.3g → %s", cfg.train.stage, cfg.run.name,
-             sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
+    log.info("[%s] run %s (%s): %d workers, %d steps, global batch %d, lr %.3g → %s", label, cfg.run.name,
+             cfg.train.stage, sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
+    log.info("[%s] starting Ray Train workers (full log: %s)", label, log_path)
     try:
         result = trainer.fit()
     except Exception as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RuntimeError(f"run {cfg.run.name} failed: {why}") from e
+        raise RuntimeError(f"run {cfg.run.name} failed: {why} (full log: {log_path})") from e
     if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"run {cfg.run.name} failed: {result.error}")
+        raise RuntimeError(f"run {cfg.run.name} failed: {result.error} (full log: {log_path})")
     export = storage.join(plan.run_url, "export", "model.safetensors")
     ck = result.checkpoint.path if result.checkpoint is not None else None
     return RunResult(run_url=plan.run_url, export_path=export, metrics=dict(result.metrics or {}), checkpoint=ck)

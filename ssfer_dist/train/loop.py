@@ -21,6 +21,7 @@ import torch
 
 from ssfer_dist import storage
 from ssfer_dist.config import DebugCfg, from_dict
+from ssfer_dist.console import worker_logging
 from ssfer_dist.distributed import checkpoint as ckpt_mod
 from ssfer_dist.distributed.engine import (
     build_engine,
@@ -108,7 +109,6 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
 
     from ssfer_dist.data.pipeline import ShardStream, make_loader
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = from_dict(payload["config"])
     plan: LaunchPlan = payload["plan"]
     stage = get_stage(plan.stage)
@@ -121,6 +121,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         storage.register_webdataset_s3()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_logging(rank)                          # rank 0's lines reach the console; the rest the log file
+    label = payload.get("label") or plan.stage
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu and torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
@@ -220,8 +222,10 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
             from ssfer_dist.train.metrics import format_progress
 
             metrics_log.write(record)
-            log.info(format_progress(plan.stage, state.step, total, sps, sps * global_batch,
-                                     record.get("loss", float("nan")), lr))
+            loss = record.get("loss", float("nan"))
+            log.info(format_progress(label, state.step, total, sps, sps * global_batch, loss, lr),
+                     extra={"ssfer_progress": {"label": label, "step": state.step, "total": total, "sps": sps,
+                                               "ips": sps * global_batch, "loss": loss, "lr": lr}})
         if do_ckpt:
             if metrics_log is not None:
                 metrics_log.sync()
@@ -240,7 +244,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
             local = os.path.join(tmp, "model.safetensors")
             save_weights(local, state_dict, meta)
             storage.put_file(local, export_url)
-        log.info("exported %s", export_url)
+        log.info("[%s] weights: %s", label, export_url)
         if metrics_log is not None:
             metrics_log.close()
     if torch.distributed.is_initialized():
