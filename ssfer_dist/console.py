@@ -87,8 +87,10 @@ def _to_files(text: str) -> None:
             fh.flush()
 
 
-def _stamp() -> str:
-    return time.strftime("%H:%M:%S")
+def _stamp(ms: bool = False) -> str:
+    now = time.time()
+    text = time.strftime("%H:%M:%S", time.localtime(now))
+    return f"{text}.{int(now % 1 * 1000):03d}" if ms else text
 
 
 class _Handler(logging.Handler):
@@ -262,20 +264,28 @@ def _ray_line(data: Dict[str, Any], line: str) -> None:
         else:
             text = body
             level = getattr(logging, kind, logging.INFO)
-        _to_files(f"{_stamp()} [rank 0] {text}")
+        _to_files(f"{_stamp(ms=True)} [rank 0] {text}")
         if _S.verbosity >= VERBOSE or level >= (logging.WARNING if _S.verbosity == QUIET else logging.INFO):
             prefix = "" if level < logging.WARNING else logging.getLevelName(level).lower() + ": "
             _to_console(f"{_stamp()} {prefix}{text}")
         return
     who = data.get("actor_name") or data.get("task_name") or ""
-    text = f"({who + ' ' if who else ''}pid={data.get('pid')}) {line}"
+    text = f"{_stamp(ms=True)} ({who + ' ' if who else ''}pid={data.get('pid')}) {line}"
     _to_files(text)
     if _S.verbosity >= VERBOSE:
         _to_console(text)
 
 
 def _ray_handler(data: Dict[str, Any]) -> None:
-    for line in data.get("lines", []):
+    lines = data.get("lines", [])
+    if data.get("pid") == "autoscaler":     # Ray's own printer keeps only the autoscaler's events, not its status
+        try:
+            from ray._private.worker import filter_autoscaler_events
+
+            lines = list(filter_autoscaler_events(lines))
+        except Exception:  # pragma: no cover - Ray moved it
+            lines = []
+    for line in lines:
         try:
             _ray_line(data, line)
         except Exception:  # pragma: no cover - never lose the log thread to a bad line

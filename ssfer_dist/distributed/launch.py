@@ -170,6 +170,7 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         console.route_ray_output()
         return
+    log.info("starting a local Ray instance (set RAY_ADDRESS to use a running cluster)")
     need = max(1, int(round(cfg.scaling.num_workers * max(cfg.scaling.cpus_per_worker, 1.0))))
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls (without it every
     # stage logs a warning per second) and lets the user watch the run.
@@ -213,13 +214,15 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None, label: Optional[st
 
 
 def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunResult:
+    sc = cfg.scaling
+    log.info("[%s] run %s (%s): %d workers, %d steps, global batch %d, lr %.3g → %s", label, cfg.run.name,
+             cfg.train.stage, sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
+    ensure_ray(cfg)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ssfer_dist.train.loop import train_loop_per_worker
 
-    ensure_ray(cfg)
-    sc = cfg.scaling
     res: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
     if sc.use_gpu:
         res["GPU"] = float(sc.gpus_per_worker or 1.0)
@@ -235,9 +238,7 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"))
-    log.info("[%s] run %s (%s): %d workers, %d steps, global batch %d, lr %.3g → %s", label, cfg.run.name,
-             cfg.train.stage, sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
-    log.info("[%s] starting Ray Train workers (full log: %s)", label, log_path)
+    log.info("[%s] starting %d Ray Train workers (full log: %s)", label, sc.num_workers, log_path)
     try:
         result = trainer.fit()
     except Exception as e:
@@ -311,13 +312,26 @@ def pipeline_configs(path: str, overrides: List[str]) -> List[Config]:
     return cfgs
 
 
+def planned_steps(cfg: Config) -> int:
+    """A stage's optimizer steps as far as known before it starts (0 when its manifest is unreadable)."""
+    try:
+        num = _read_manifest(cfg.data.shards, "data.shards").num_samples
+    except UserError:
+        num = None
+    return int(derived(cfg, num).get("total_steps") or 0)
+
+
 def run_pipeline(path: str, overrides: List[str]) -> List[RunResult]:
     """pretrain → FaceMix → semi-supervised, each from the previous export, on one Ray instance."""
+    from ssfer_dist import console
+
     cfgs = pipeline_configs(path, overrides)
     preflight(cfgs[0])          # fail early for the first stage; later stages are checked before they start
+    steps = [planned_steps(c) for c in cfgs]
     results = []
-    for cfg in cfgs:
-        results.append(run_stage(cfg, preflight(cfg)))
+    for i, (name, cfg) in enumerate(zip(_PIPE_STAGES, cfgs)):
+        with console.stage(i + 1, len(cfgs), name, future_steps=steps[i + 1:]):
+            results.append(run_stage(cfg, preflight(cfg), label=name))
     return results
 
 
