@@ -125,8 +125,9 @@ def setup(verbosity: int = NORMAL) -> None:
     _S.installed = True
     root = logging.getLogger()
     if not any(isinstance(h, _Handler) for h in root.handlers):
-        for h in list(root.handlers):
-            root.removeHandler(h)
+        for h in list(root.handlers):      # a plain console handler (logging.basicConfig) would print it all
+            if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stderr, sys.stdout):
+                root.removeHandler(h)
         root.addHandler(_Handler())
     root.setLevel(logging.INFO)
     for name in OURS:
