@@ -6,8 +6,8 @@ Determinism: records are sorted by key, shuffled with ``random.Random(seed)`` an
 estimate from the source sizes). Each shard's content depends only on its records and the options,
 so reruns, any ``--workers`` and Ray all give identical shards and the same manifest.
 
-Resume: a shard whose ``_build/<name>.json`` sidecar matches the plan (see ``writer.check_done``) is
-not rebuilt. Structural input errors are raised while listing, before anything is written.
+Resume: a shard whose ``_build/<name>.json`` sidecar (or, after a finished build, its entry in the
+merged ``.build-state.json``) matches the plan (see ``writer.check_done``) is not rebuilt. Structural input errors are raised while listing, before anything is written.
 """
 from __future__ import annotations
 
@@ -30,7 +30,16 @@ import numpy as np
 from sharding.process import ProcessOptions
 from sharding.sources import list_source
 from sharding.sources.base import CompactRecords, FaceRecord, Skipped
-from sharding.writer import STATE_DIR, ShardPlan, WriterConfig, build_shard, check_done, info_from_dict
+from sharding.writer import (
+    STATE_DIR,
+    ShardPlan,
+    WriterConfig,
+    build_shard,
+    check_done,
+    info_from_dict,
+    merge_sidecars,
+    read_merged_state,
+)
 from ssfer_dist import storage
 from ssfer_dist.data import manifest as mf
 from ssfer_dist.data.schema import REPORT_NAME
@@ -295,8 +304,14 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
     _clean_stale_temps(cfg.output)
     have_sidecar = {n[: -len(".json")] for n in storage.list_files(storage.join(cfg.output, STATE_DIR))
                     if n.endswith(".json")}
+    merged = read_merged_state(cfg.output)          # a finished build's results (its sidecars, merged)
     for p in plans:
-        done = check_done(p, wcfg) if p.name in have_sidecar else None
+        if p.name in have_sidecar:
+            done = check_done(p, wcfg)
+        elif p.name in merged:
+            done = check_done(p, wcfg, recorded=merged[p.name])
+        else:
+            done = None
         if done is not None:
             results[p.name] = done
         else:
@@ -370,6 +385,7 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
                       extra={"format": cfg.format, "split": cfg.split, "seed": cfg.seed,
                              "samples_per_shard": cfg.samples_per_shard, "detector": cfg.detector,
                              "box_scale": cfg.box_scale, "jpeg_quality": cfg.jpeg_quality})
+    merge_sidecars(cfg.output, ordered)              # finished: no _build/ folder beside the shards
     return report
 
 

@@ -101,6 +101,9 @@ def test_resume_after_kill_gives_the_same_manifest(tmp_path, monkeypatch):
     rep = build("image-folder", root, out, seed=1)
     assert rep["resumed_shards"] == 2
     assert (out / "manifest.parquet").read_bytes() == reference
+    # finished: the sidecars are merged into one hidden state file, no _build/ folder beside the shards
+    assert not (out / "_build").exists() and (out / ".build-state.json").is_file()
+    assert build("image-folder", root, out, seed=1)["resumed_shards"] == 5
     # a damaged complete shard is rebuilt, not trusted
     damaged = out / sorted(ref_shards)[0]
     damaged.write_bytes(damaged.read_bytes()[:-512] + b"\1" * 512)
