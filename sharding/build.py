@@ -70,6 +70,7 @@ class BuildConfig:
     seed: int = 0
     name: Optional[str] = None
     detector: str = "none"
+    no_face: str = "skip"          # with a detector: images where it finds no face are skipped, or "keep"
     num_classes: int = 7
     boxes: Optional[str] = None
     jpeg_quality: int = 95
@@ -293,7 +294,7 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
         make_detector(cfg.detector)  # fail fast (missing package) before any work
     storage.check_writable(cfg.output)
     popts = ProcessOptions(image_size=cfg.image_size, jpeg_quality=cfg.jpeg_quality, box_scale=cfg.box_scale,
-                           max_pixels=cfg.max_pixels)
+                           max_pixels=cfg.max_pixels, no_face=cfg.no_face)
     options_fp = json.dumps([FORMAT_VERSION, dataclasses.asdict(popts), cfg.detector, listing.num_classes],
                             sort_keys=True)
     plans = plan_shards(records, name, cfg.samples_per_shard, cfg.max_shard_bytes, cfg.seed, options_fp)
@@ -362,6 +363,8 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
         raise UserError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1")
     if cfg.detector not in ("none", "haar", "mtcnn"):
         raise UserError(f"--detector {cfg.detector}: expected none, haar or mtcnn")
+    if cfg.no_face not in ("skip", "keep"):
+        raise UserError(f"--no-face {cfg.no_face}: expected skip or keep")
     use_ray = cfg.ray or bool(os.environ.get("RAY_ADDRESS"))
     pool = _WorkerPool(cfg.workers) if cfg.workers > 1 and not use_ray else None
     ok = False
@@ -384,6 +387,7 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
     mf.write_manifest(cfg.output, shards, dataset=name, image_size=cfg.image_size, num_classes=listing.num_classes,
                       extra={"format": cfg.format, "split": cfg.split, "seed": cfg.seed,
                              "samples_per_shard": cfg.samples_per_shard, "detector": cfg.detector,
+                             "no_face": cfg.no_face,
                              "box_scale": cfg.box_scale, "jpeg_quality": cfg.jpeg_quality})
     merge_sidecars(cfg.output, ordered)              # finished: no _build/ folder beside the shards
     return report
