@@ -7,7 +7,8 @@ estimate from the source sizes). Each shard's content depends only on its record
 so reruns, any ``--workers`` and Ray all give identical shards and the same manifest.
 
 Resume: a shard whose ``_build/<name>.json`` sidecar (or, after a finished build, its entry in the
-merged ``.build-state.json``) matches the plan (see ``writer.check_done``) is not rebuilt. Structural input errors are raised while listing, before anything is written.
+merged ``.build-state.json``) matches the plan (see ``writer.check_done``) is not rebuilt. Structural
+input errors are raised while listing, before anything is written.
 """
 from __future__ import annotations
 
