@@ -107,8 +107,11 @@ def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str
     urls = {"fer_train": os.path.join(shards, "fer_train"), "fer_test": os.path.join(shards, "fer_test"),
             "fr": os.path.join(shards, "fr"), "split": os.path.join(shards, "fer_split")}
     common = dict(image_size=plan.image_size, samples_per_shard=500, workers=workers, seed=seed, progress=False)
-    run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_train"], split="train", **common))
-    run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_test"], split="test", **common))
+    # dataset names start with "synth": exports record them (trained_on) and `ssfer predict` warns
+    run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_train"], split="train", name="synthfer",
+                          **common))
+    run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_test"], split="test", name="synthfer",
+                          **common))
     # box_scale 1.05: crop the unlabeled faces as tightly as the aligned labeled ones
     run_build(BuildConfig(format="image-folder", input=os.path.join(vgg, "train"), output=urls["fr"],
                           name="synthfr", box_scale=1.05, **common))

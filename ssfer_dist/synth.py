@@ -70,6 +70,14 @@ _PROTO: Dict[str, Dict[str, float]] = {
 _NEUTRAL = _PROTO["neutral"]
 
 
+SYNTH_PREFIX = "synth"     # the demo's shard sets are named synthfer / synthfr
+
+
+def is_synthetic(dataset: str) -> bool:
+    """Whether a manifest's / export's dataset name is one of the demo's synthetic sets."""
+    return str(dataset).startswith(SYNTH_PREFIX)
+
+
 def canonical_to_rafdb(cls: int) -> int:
     """Canonical class index (0..6) -> RAF-DB label id (1..7)."""
     return RAFDB_TO_CANONICAL.index(int(cls)) + 1

@@ -86,10 +86,12 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
     if stage.needs_labels and labeled.num_classes == 0:
         raise UserError(f"data.shards: {labeled.url} is unlabeled; stage {stage.name!r} needs labeled shards")
     unl = []
+    datasets = [labeled.dataset]
     first = 0  # sample ids run over all unlabeled sources: source after source, shard after shard
     for i, u in enumerate(cfg.data.unlabeled if stage.needs_unlabeled else []):
         key = f"data.unlabeled[{i}].shards"
         m = _read_manifest(u.shards, key)
+        datasets.append(m.dataset)
         offsets = []
         for s in m.shards:
             offsets.append(first)
@@ -111,7 +113,8 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
         num_classes=labeled.num_classes if stage.needs_labels else 0,
         class_names=tuple(labeled.class_names) if stage.needs_labels else (),
         unlabeled=tuple(unl), num_unlabeled=first,
-        register_s3=any(storage.is_s3(x) for x in [cfg.data.shards] + [u.shards for u in cfg.data.unlabeled]))
+        register_s3=any(storage.is_s3(x) for x in [cfg.data.shards] + [u.shards for u in cfg.data.unlabeled]),
+        datasets=tuple(dict.fromkeys(d for d in datasets if d)))
     stage.preflight(StageConfigs.of(cfg), plan)
     if check_storage:
         try:
