@@ -77,13 +77,14 @@ def demo_plan(quick: bool) -> DemoPlan:
 # ------------------------------------------------------------------------------------------- data
 
 def _progress(what: str, every_s: float = 5.0):
-    """A ``progress(done, total)`` callback logging ``what: done/total (p %)`` at most every ``every_s``."""
-    last = [0.0]
+    """A ``progress(done, total)`` callback logging ``what: done/total (p %)``: at the first image, then
+    at each further 20 % (at most every ``every_s``), and at the end."""
+    last = [-1, 0.0]                 # last 20 % bucket logged, its time
 
     def report(done: int, total: int) -> None:
-        now = time.time()
-        if done == total or now - last[0] >= every_s:
-            last[0] = now
+        bucket, now = 5 * done // max(total, 1), time.time()
+        if done == 1 or done == total or (bucket > last[0] and now - last[1] >= every_s):
+            last[0], last[1] = bucket, now
             log.info("%s: %d/%d images (%d %%)", what, done, total, 100 * done // max(total, 1))
 
     return report
@@ -200,13 +201,15 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
 def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int, plan: DemoPlan,
               t_start: float, log_path: str) -> Dict[str, Any]:
     from ssfer_dist import console
-    from ssfer_dist.distributed.launch import planned_steps, run_stage
-    from ssfer_dist.evaluate import evaluate_shards, write_outputs
 
     names = ("pretrain", "scratch", "facemix", "semisup")
     count = len(names) + 2                   # data, four trainings, evaluation
     with console.stage(1, count, "synthetic data and shards"):
         urls = make_data(seed_dir, plan, seed)
+    # torch / Ray imports after the data stage: the first lines appear at once
+    from ssfer_dist.distributed.launch import planned_steps, run_stage
+    from ssfer_dist.evaluate import evaluate_shards, write_outputs
+
     t_data = time.time() - t_start
     runs = os.path.join(seed_dir, "runs")
     cfgs = stage_configs(plan, urls, runs, seed, num_workers)
