@@ -458,7 +458,8 @@ def test_cli_structural_error_keeps_existing_output(tmp_path):
     spec.write_text("format: rafdb\nimage_sise: 64\n")
     bad = subprocess.run([sys.executable, "-m", "sharding", "build", "--spec", str(spec)], capture_output=True,
                          text=True, env=env)
-    assert bad.returncode == 2 and "spec.yaml: image_sise: unknown key (expected one of: " in bad.stderr
+    want = "spec.yaml: image_sise: unknown key (did you mean 'image_size'?) (expected one of: "
+    assert bad.returncode == 2 and want in bad.stderr
 
 
 def test_all_samples_bad_is_an_error_with_a_report(tmp_path):
