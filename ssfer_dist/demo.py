@@ -221,7 +221,6 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
         with console.stage(i + 2, count, name, future_steps=steps[i + 1:]):
             results[name] = run_stage(cfgs[name], label=name)
         timings[name] = round(time.time() - t, 1)
-        log.info("[%s] done in %.1fs", name, timings[name])
     report = os.path.join(seed_dir, "report")
     rows: Dict[str, Any] = {}
     t = time.time()

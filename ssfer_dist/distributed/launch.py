@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -242,6 +243,7 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"))
     log.info("[%s] starting %d Ray Train workers (full log: %s)", label, sc.num_workers, log_path)
+    t0 = time.time()
     try:
         result = trainer.fit()
     except Exception as e:
@@ -250,6 +252,8 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
     if getattr(result, "error", None) is not None:
         raise RuntimeError(f"run {cfg.run.name} failed: {result.error} (full log: {log_path})")
     export = storage.join(plan.run_url, "export", "model.safetensors")
+    log.info("[%s] done in %.0f s: weights %s, metrics %s, log %s", label, time.time() - t0, export,
+             storage.join(plan.run_url, "metrics.jsonl"), log_path)
     ck = result.checkpoint.path if result.checkpoint is not None else None
     return RunResult(run_url=plan.run_url, export_path=export, metrics=dict(result.metrics or {}), checkpoint=ck)
 
