@@ -244,7 +244,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
             local = os.path.join(tmp, "model.safetensors")
             save_weights(local, state_dict, meta)
             storage.put_file(local, export_url)
-        log.info("[%s] weights: %s", label, export_url)
+        log.debug("[%s] weights: %s", label, export_url)
         if metrics_log is not None:
             metrics_log.close()
     if torch.distributed.is_initialized():
