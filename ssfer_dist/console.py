@@ -225,7 +225,7 @@ def _hms(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def progress_text(p: Dict[str, Any]) -> str:
