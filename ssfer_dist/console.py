@@ -209,7 +209,7 @@ def stage(index: int, count: int, label: str, future_steps: Sequence[int] = ()) 
     the stages still to come (for the overall ETA)."""
     log = logging.getLogger("ssfer_dist.console")
     st = _Stage(index, count, label, sum(future_steps), len(future_steps),
-                max(_startup_seen) if _startup_seen else None)
+                _startup_seen[-1] if _startup_seen else None)   # the last stage's (the first also started Ray)
     prev = _S.stage
     _S.stage = st
     log.info("stage %d of %d: %s", index, count, label)
