@@ -307,6 +307,16 @@ def route_ray_output() -> None:
     # Ray registers its printer under this name and removes it by name in ray.shutdown()
     disp.remove_handler("ray_print_logs")
     disp.add_handler("ray_print_logs", _ray_handler)
+    # the driver's error listener ("(raylet) A worker died …") prints through this module function
+    import ray._private.worker as ray_worker
+
+    if getattr(ray_worker, "print_to_stdstream", None) is not _print_to_stdstream:
+        ray_worker.print_to_stdstream = _print_to_stdstream
+
+
+def _print_to_stdstream(data: Dict[str, Any], ignore_prefix: bool = False) -> None:
+    """Stands in for ``ray._private.worker.print_to_stdstream`` (same arguments)."""
+    _ray_handler(data)
 
 
 def prepare_ray_import() -> None:

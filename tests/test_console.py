@@ -81,6 +81,23 @@ def test_only_our_records_and_marked_worker_lines_reach_the_console(captured):
     assert "\x1b" not in text and "\x1b" not in buf.getvalue()
 
 
+def test_ray_error_listener_lines_go_to_the_file(captured):
+    """Ray's driver thread that relays raylet errors prints through ``print_to_stdstream``."""
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as disp
+
+    buf, path = captured
+    original, handlers = ray_worker.print_to_stdstream, list(disp.handlers)
+    try:
+        console.route_ray_output()
+        ray_worker.print_to_stdstream({"lines": ["A worker died or was killed while executing a task"],
+                                       "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        ray_worker.print_to_stdstream, disp.handlers = original, handlers
+    assert _lines(buf) == []
+    assert "(pid=raylet) A worker died" in open(path, encoding="utf-8").read()
+
+
 def test_quiet_and_verbose(captured):
     buf, _ = captured
     console.setup(console.QUIET)
