@@ -178,7 +178,9 @@ def ensure_ray(cfg: Config) -> None:
     need = max(1, int(round(cfg.scaling.num_workers * max(cfg.scaling.cpus_per_worker, 1.0))))
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls (without it every
     # stage logs a warning per second) and lets the user watch the run.
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, runtime_env=env,
+    # address="local": a new instance even when `ray start` left one running on this machine (ray.init()
+    # would attach to that one and refuse num_cpus); clusters are named by RAY_ADDRESS
+    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, runtime_env=env,
              object_store_memory=256 * 1024 * 1024, log_to_driver=True)
     console.route_ray_output()
 
