@@ -94,6 +94,11 @@ class DataCfg:
     shuffle_buffer: int = 1000
     uint8: bool = True                # ship uint8 tensors, normalise on device
     draft_decode: bool = True         # PIL Image.draft reduced-size JPEG decode when upsampling is not needed
+    augment_on: Literal["cpu", "device"] = "device"   # mae/weak crop+flip+resize: batched on the training device
+    decode: Literal["cpu", "device"] = "cpu"          # device: workers ship JPEG bytes, decoded in batch there
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"   # RandomResizedCrop's resize
+    crop_scale: Tuple[float, float] = (0.2, 1.0)      # RandomResizedCrop area fraction range
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range
     steps_per_epoch: Optional[int] = None   # default: manifest samples // global batch
     max_member_bytes: int = 64 * 1024 * 1024   # tar members over this are refused (counted corrupt), never loaded
 
@@ -373,6 +378,14 @@ def _check(cfg: Config, source: str) -> None:
         err("train.max_steps", f"expected >= 1, got {cfg.train.max_steps}")
     if cfg.train.max_steps is None and cfg.train.epochs <= 0:
         err("train.epochs", f"expected > 0, got {cfg.train.epochs}")
+    lo, hi = cfg.data.crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        err("data.crop_scale", f"expected 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}")
+    lo, hi = cfg.data.crop_ratio
+    if not 0.0 < lo <= hi:
+        err("data.crop_ratio", f"expected 0 < min <= max, got {list(cfg.data.crop_ratio)}")
+    if cfg.data.decode == "device" and cfg.data.augment_on != "device":
+        err("data.decode", "device decoding feeds the device augmentation: set data.augment_on: device too")
     if cfg.data.steps_per_epoch is not None and cfg.data.steps_per_epoch < 1:
         err("data.steps_per_epoch", f"expected >= 1, got {cfg.data.steps_per_epoch}")
     if cfg.optim.base_lr <= 0:

@@ -14,6 +14,7 @@ import random
 import tempfile
 import time
 import zlib
+from functools import partial
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -109,6 +110,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     import ray.train
 
     from ssfer_dist.data.pipeline import ShardStream, make_loader
+    from ssfer_dist.data.transforms import build_transform
 
     cfg = from_dict(payload["config"])
     plan: LaunchPlan = payload["plan"]
@@ -160,12 +162,16 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         metrics_log.truncate_after(state.step)
 
     bpe = plan.steps_per_epoch * ga             # micro-batches per epoch per rank
+    d = cfg.data
     stream = ShardStream(stage.stream_specs(sub, plan), img_size=cfg.model.img_size, rank=rank,
                          world_size=world, batches_per_epoch=bpe, seed=cfg.run.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, uint8=cfg.data.uint8,
-                         draft=cfg.data.draft_decode, start_batch=state.micro_batch,
-                         num_lanes=max(1, cfg.data.num_loader_workers),
-                         max_member_bytes=cfg.data.max_member_bytes)
+                         shuffle_buffer=d.shuffle_buffer, uint8=d.uint8,
+                         draft=d.draft_decode, start_batch=state.micro_batch,
+                         num_lanes=max(1, d.num_loader_workers), decode=d.decode,
+                         transform_factory=partial(build_transform, scale=d.crop_scale, ratio=d.crop_ratio,
+                                                   interpolation=d.interpolation),
+                         max_member_bytes=d.max_member_bytes)
+    device_aug = stage.device_augment(sub, plan, rank)    # mae/weak geometry on this device (augment_on)
     batches = iter(make_loader(stream, cfg.data.num_loader_workers))
 
     global_batch = plan.global_batch
@@ -186,6 +192,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
             corrupt_by_lane[lane] = count
             keys_digest = zlib.crc32("|".join(raw.get("__key__", [])).encode(), keys_digest)
             batch = _prepare(raw, device)
+            if device_aug is not None:
+                batch = device_aug(batch, int(raw["__index__"]), device)
             out = task(batch, state.step)
             loss = out["loss"]
             engine.backward(loss)
