@@ -6,8 +6,9 @@ Determinism: records are sorted by key, shuffled with ``random.Random(seed)`` an
 estimate from the source sizes). Each shard's content depends only on its records and the options,
 so reruns, any ``--workers`` and Ray all give identical shards and the same manifest.
 
-Resume: a shard whose ``_build/<name>.json`` sidecar matches the plan (see ``writer.check_done``) is
-not rebuilt. Structural input errors are raised while listing, before anything is written.
+Resume: a shard whose ``_build/<name>.json`` sidecar (or, after a finished build, its entry in the
+merged ``.build-state.json``) matches the plan (see ``writer.check_done``) is not rebuilt. Structural
+input errors are raised while listing, before anything is written.
 """
 from __future__ import annotations
 
@@ -30,7 +31,16 @@ import numpy as np
 from sharding.process import ProcessOptions
 from sharding.sources import list_source
 from sharding.sources.base import CompactRecords, FaceRecord, Skipped
-from sharding.writer import STATE_DIR, ShardPlan, WriterConfig, build_shard, check_done, info_from_dict
+from sharding.writer import (
+    STATE_DIR,
+    ShardPlan,
+    WriterConfig,
+    build_shard,
+    check_done,
+    info_from_dict,
+    merge_sidecars,
+    read_merged_state,
+)
 from ssfer_dist import storage
 from ssfer_dist.data import manifest as mf
 from ssfer_dist.data.schema import REPORT_NAME
@@ -62,6 +72,7 @@ class BuildConfig:
     seed: int = 0
     name: Optional[str] = None
     detector: str = "none"
+    no_face: str = "skip"          # with a detector: images where it finds no face are skipped, or "keep"
     num_classes: int = 7
     boxes: Optional[str] = None
     jpeg_quality: int = 95
@@ -289,7 +300,7 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
         make_detector(cfg.detector)  # fail fast (missing package) before any work
     storage.check_writable(cfg.output)
     popts = ProcessOptions(image_size=cfg.image_size, jpeg_quality=cfg.jpeg_quality, box_scale=cfg.box_scale,
-                           max_pixels=cfg.max_pixels)
+                           max_pixels=cfg.max_pixels, no_face=cfg.no_face)
     options_fp = json.dumps([FORMAT_VERSION, dataclasses.asdict(popts), cfg.detector, listing.num_classes],
                             sort_keys=True)
     plans = plan_shards(records, name, cfg.samples_per_shard, cfg.max_shard_bytes, cfg.seed, options_fp)
@@ -300,8 +311,14 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
     _clean_stale_temps(cfg.output)
     have_sidecar = {n[: -len(".json")] for n in storage.list_files(storage.join(cfg.output, STATE_DIR))
                     if n.endswith(".json")}
+    merged = read_merged_state(cfg.output)          # a finished build's results (its sidecars, merged)
     for p in plans:
-        done = check_done(p, wcfg) if p.name in have_sidecar else None
+        if p.name in have_sidecar:
+            done = check_done(p, wcfg)
+        elif p.name in merged:
+            done = check_done(p, wcfg, recorded=merged[p.name])
+        else:
+            done = None
         if done is not None:
             results[p.name] = done
         else:
@@ -352,6 +369,8 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
         raise UserError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1")
     if cfg.detector not in ("none", "haar", "mtcnn"):
         raise UserError(f"--detector {cfg.detector}: expected none, haar or mtcnn")
+    if cfg.no_face not in ("skip", "keep"):
+        raise UserError(f"--no-face {cfg.no_face}: expected skip or keep")
     use_ray = cfg.ray or bool(os.environ.get("RAY_ADDRESS"))
     pool = _WorkerPool(cfg.workers) if cfg.workers > 1 and not use_ray else None
     ok = False
@@ -374,7 +393,9 @@ def run_build(cfg: BuildConfig, executor_hook: Optional[Callable] = None) -> Dic
     mf.write_manifest(cfg.output, shards, dataset=name, image_size=cfg.image_size, num_classes=listing.num_classes,
                       extra={"format": cfg.format, "split": cfg.split, "seed": cfg.seed,
                              "samples_per_shard": cfg.samples_per_shard, "detector": cfg.detector,
+                             "no_face": cfg.no_face,
                              "box_scale": cfg.box_scale, "jpeg_quality": cfg.jpeg_quality})
+    merge_sidecars(cfg.output, ordered)              # finished: no _build/ folder beside the shards
     return report
 
 

@@ -57,6 +57,9 @@ def _add_build(sub) -> None:
     p.add_argument("--detector", choices=["none", "haar", "mtcnn"],
                    help=f"face detector for images without boxes "
                         f"(default {d('detector')}: images are aligned face crops)")
+    p.add_argument("--no-face", choices=["skip", "keep"],
+                   help=f"with --detector, an image where it finds no face is skipped, or kept as a centred "
+                        f"crop (a 'fallback' box, yellow on the inspect contact sheet) (default {d('no_face')})")
     p.add_argument("--num-classes", type=int, choices=[7, 8], help=f"AffectNet protocol (default {d('num_classes')})")
     p.add_argument("--boxes", default=None, help="VGGFace2 loose_bb_*.csv for image-folder (auto-detected)")
     p.add_argument("--jpeg-quality", type=int, help=f"default {d('jpeg_quality')}")
@@ -119,8 +122,10 @@ def _cmd_build(a) -> int:
     if cfg.format not in FORMATS:
         raise UserError(f"format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
     rep = run_build(cfg)
+    fallback = f"; {rep['fallback_boxes']} kept without a detected face (fallback boxes)" \
+        if cfg.detector != "none" else ""
     print(f"{rep['num_samples']} samples in {rep['num_shards']} shards -> {cfg.output} "
-          f"({rep['num_skipped']} skipped: {rep['skipped_by_reason'] or 'none'}; "
+          f"({rep['num_skipped']} skipped: {rep['skipped_by_reason'] or 'none'}{fallback}; "
           f"{rep['images_per_s']} images/s)")
     return 0
 

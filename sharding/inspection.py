@@ -79,15 +79,22 @@ def _collect(m, num: int, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, stat
 
 def contact_sheet(samples, class_names: List[str], tile: int = 128) -> Image.Image:
     """A grid image of ``(PIL image, SampleMeta[, problem])`` tiles with boxes (red; yellow for fallback
-    boxes); a tile whose image is ``None`` is drawn as a crossed dark-red square labelled with the problem."""
+    boxes) under a legend strip saying what the colours mean; a tile whose image is ``None`` is drawn as a
+    crossed dark-red square labelled with the problem."""
     n = max(1, len(samples))
     cols = min(8, n)
     rows = math.ceil(n / cols)
     label_h = 14
-    sheet = Image.new("RGB", (cols * tile, rows * (tile + label_h)), (32, 32, 32))
+    legend_h = 2 * label_h + 4
+    sheet = Image.new("RGB", (max(cols * tile, 256), legend_h + rows * (tile + label_h)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
+    for j, (color, text) in enumerate((((255, 40, 40), "face box (annotation / detector / frame)"),
+                                       ((255, 220, 0), "fallback box: no face found, centre crop"))):
+        y = 2 + j * label_h
+        draw.rectangle([4, y + 2, 14, y + 10], outline=color, width=2)
+        draw.text((20, y), text, fill=(230, 230, 230))
     for i, (img, meta, *why) in enumerate(samples):
-        x0, y0 = (i % cols) * tile, (i // cols) * (tile + label_h)
+        x0, y0 = (i % cols) * tile, legend_h + (i // cols) * (tile + label_h)
         if img is None:
             draw.rectangle([x0, y0, x0 + tile - 1, y0 + tile - 1], fill=(90, 0, 0), outline=(255, 0, 0), width=2)
             draw.line([x0, y0, x0 + tile - 1, y0 + tile - 1], fill=(255, 0, 0), width=2)

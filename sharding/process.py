@@ -9,8 +9,9 @@ Crop policy (documented, used by every source):
   ``box_scale * max(box_w, box_h)`` (default 1.25, a little context around the face), shrunk to the
   image's shorter side when larger, then shifted to lie inside the image (no padding ever), resized
   to ``image_size``. The box is mapped into the stored pixels and clipped to the frame.
-- no face found by the detector: the fallback box (``detect.fallback_box``: centred square, 0.8 of the
-  shorter side) with ``box_source="fallback"`` and the same square-crop rule.
+- no face found by the detector: skipped (reason ``no_face``; ``ProcessOptions.no_face="skip"``, the
+  default), or with ``no_face="keep"`` the fallback box (``detect.fallback_box``: centred square, 0.8 of
+  the shorter side) with ``box_source="fallback"`` and the same square-crop rule.
 
 Images that already are a JPEG in RGB at ``image_size``x``image_size`` whose crop would be the whole
 frame are passed through byte-for-byte: only the JPEG header is parsed (``jpeg_header``: no PIL, no
@@ -58,6 +59,7 @@ class ProcessOptions:
     jpeg_quality: int
     box_scale: float
     max_pixels: int
+    no_face: str = "skip"     # the detector found no face: "skip" the image, or "keep" it with the fallback box
 
 
 @dataclasses.dataclass
@@ -253,6 +255,9 @@ def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_sour
         faces = detector.detect(np.asarray(rgb))
         if faces:
             box, box_source = tuple(float(v) for v in faces[0][:4]), detector.kind
+        elif opts.no_face == "skip":
+            raise SkipSample("no_face", f"the {detector.kind} detector found no face (--no-face keep stores "
+                                        f"such images with a centred fallback box)")
         else:
             box, box_source = fallback_box(w, h), "fallback"
     crop = crop_square(w, h, box, opts.box_scale)

@@ -12,6 +12,9 @@ temporary file, hashes it, and only then publishes it under its final name:
 After the shard is published a small sidecar ``_build/<shard>.json`` records its ShardInfo, the
 plan's fingerprint and the per-sample skips. A rerun trusts a shard only when its sidecar's
 fingerprint matches the new plan and the shard's size (and, for local shards, sha256) match.
+Once the manifest is written the sidecars are merged into one hidden ``.build-state.json`` (what a
+rerun of a finished build resumes from) and ``_build/`` is removed: finished output holds shards,
+``report.json`` and ``manifest.parquet`` only.
 """
 from __future__ import annotations
 
@@ -31,11 +34,12 @@ from ssfer_dist.data.manifest import ShardInfo, class_hist_of
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, UNLABELED, encode_cls
 
 __all__ = ["ShardPlan", "WriterConfig", "build_shard", "load_record", "sidecar_url", "check_done", "sha256_file",
-           "open_tar_writer", "publish", "tmp_path_for"]
+           "open_tar_writer", "publish", "tmp_path_for", "merge_sidecars", "read_merged_state", "STATE_FILE"]
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "_build"
+STATE_FILE = ".build-state.json"       # the sidecars of a finished build, merged
 TAR_MTIME = 0.0
 TAR_USER = "ssfer"
 
@@ -418,14 +422,40 @@ def _remote_size(url: str) -> Optional[int]:
         return None
 
 
-def check_done(plan: ShardPlan, cfg: WriterConfig) -> Optional[Dict[str, Any]]:
-    """The recorded result of ``plan`` when its shard is already complete (sidecar fingerprint,
-    name, size and — for local shards — sha256 all match), else ``None``."""
+def merge_sidecars(output: str, results: List[Dict[str, Any]]) -> None:
+    """After the manifest: every shard's result into ``STATE_FILE``, then ``_build/`` removed."""
+    state = {"results": {r["shard"]["name"]: r for r in results}}
+    storage.put_bytes(storage.join(output, STATE_FILE), json.dumps(state, sort_keys=True).encode())
+    if storage.is_s3(output):
+        for name in storage.list_files(storage.join(output, STATE_DIR)):
+            storage.delete(storage.join(output, STATE_DIR, name))
+    else:
+        storage.delete(storage.join(output, STATE_DIR))
+
+
+def read_merged_state(output: str) -> Dict[str, Dict[str, Any]]:
+    """The shard results merged by :func:`merge_sidecars` (empty when none or unreadable)."""
+    url = storage.join(output, STATE_FILE)
+    try:
+        if not storage.exists(url):
+            return {}
+        return dict(json.loads(storage.get_bytes(url)).get("results", {}))
+    except (ValueError, AttributeError, storage.StorageError):
+        return {}
+
+
+def check_done(plan: ShardPlan, cfg: WriterConfig, recorded: Optional[Dict[str, Any]] = None
+               ) -> Optional[Dict[str, Any]]:
+    """The recorded result of ``plan`` when its shard is already complete (sidecar — or ``recorded``,
+    from the merged state — fingerprint, name, size and, for local shards, sha256 all match), else ``None``."""
     side = sidecar_url(cfg.output, plan.name)
     try:
-        if not storage.exists(side):
+        if recorded is not None:
+            res = recorded
+        elif not storage.exists(side):
             return None
-        res = json.loads(storage.get_bytes(side))
+        else:
+            res = json.loads(storage.get_bytes(side))
     except (ValueError, storage.StorageError):
         return None
     shard = res.get("shard", {})

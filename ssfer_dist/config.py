@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 import yaml
 
 from ssfer_dist.stages import get_stage, stage_names
-from ssfer_dist.typed import ConfigError
+from ssfer_dist.typed import ConfigError, check_key_path
 from ssfer_dist.typed import build as _build
 
 __all__ = [
@@ -312,8 +312,13 @@ def from_dict(data: Dict[str, Any], source: str = "<config>") -> Config:
 
 
 def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
-    """Load a stage YAML, apply ``--set`` overrides and validate."""
-    data = apply_overrides(_read_yaml(path), overrides or [])
+    """Load a stage YAML, apply ``--set`` overrides and validate. A ``--set`` key that is not in the
+    config tree is reported as that ``--set`` (with the closest key), not as the YAML file."""
+    data = _read_yaml(path)
+    for item in overrides or []:
+        parts, _ = _parse_override(item)
+        check_key_path(Config, parts, f"--set {item}")
+    data = apply_overrides(data, overrides or [])
     data = _expand(data)
     return absolute_paths(from_dict(data, source=path))
 

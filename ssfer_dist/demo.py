@@ -76,6 +76,20 @@ def demo_plan(quick: bool) -> DemoPlan:
 
 # ------------------------------------------------------------------------------------------- data
 
+def _progress(what: str, every_s: float = 5.0):
+    """A ``progress(done, total)`` callback logging ``what: done/total (p %)``: at the first image, then
+    at each further 20 % (at most every ``every_s``), and at the end."""
+    last = [-1, 0.0]                 # last 20 % bucket logged, its time
+
+    def report(done: int, total: int) -> None:
+        bucket, now = 5 * done // max(total, 1), time.time()
+        if done == 1 or done == total or (bucket > last[0] and now - last[1] >= every_s):
+            last[0], last[1] = bucket, now
+            log.info("%s: %d/%d images (%d %%)", what, done, total, 100 * done // max(total, 1))
+
+    return report
+
+
 def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str, str]:
     """Synthetic datasets → shard folders; returns the shard URLs by role."""
     from ssfer_dist import synth
@@ -85,14 +99,20 @@ def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str
     raf = os.path.join(data, "rafdb")
     vgg = os.path.join(data, "vggface2")
     t0 = time.time()
-    synth.write_rafdb(raf, plan.train_per_class, plan.test_per_class, seed=seed, image_size=64)
-    synth.write_identity_folders(vgg, plan.fr_identities, plan.fr_per_identity, seed=seed, image_size=96)
+    synth.write_rafdb(raf, plan.train_per_class, plan.test_per_class, seed=seed, image_size=64,
+                      progress=_progress("synthetic labeled FER set (RAF-DB layout)"))
+    synth.write_identity_folders(vgg, plan.fr_identities, plan.fr_per_identity, seed=seed, image_size=96,
+                                 progress=_progress("synthetic unlabeled face set (VGGFace2 layout)"))
     log.info("synthetic data in %.1fs: %s, %s", time.time() - t0, raf, vgg)
+    log.info("building shards (ssfer-shard build) and the labeled split (ssfer-shard split)")
     urls = {"fer_train": os.path.join(shards, "fer_train"), "fer_test": os.path.join(shards, "fer_test"),
             "fr": os.path.join(shards, "fr"), "split": os.path.join(shards, "fer_split")}
     common = dict(image_size=plan.image_size, samples_per_shard=500, workers=workers, seed=seed, progress=False)
-    run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_train"], split="train", **common))
-    run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_test"], split="test", **common))
+    # dataset names start with "synth": exports record them (trained_on) and `ssfer predict` warns
+    run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_train"], split="train", name="synthfer",
+                          **common))
+    run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_test"], split="test", name="synthfer",
+                          **common))
     # box_scale 1.05: crop the unlabeled faces as tightly as the aligned labeled ones
     run_build(BuildConfig(format="image-folder", input=os.path.join(vgg, "train"), output=urls["fr"],
                           name="synthfr", box_scale=1.05, **common))
@@ -159,9 +179,9 @@ def _prepare_out(out: str) -> None:
 
 def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
              plan: Optional[DemoPlan] = None) -> Dict[str, Any]:
-    """Run the whole demo for one seed; returns the summary (also written to ``report-s<seed>/summary.json``)."""
-    from ssfer_dist.distributed.launch import run_stage
-    from ssfer_dist.evaluate import evaluate_shards, write_outputs
+    """Run the whole demo for one seed; returns the summary (also written to ``seed<N>/report/summary.json``).
+    Every line (ours, Ray's, the workers') goes to ``seed<N>/logs/demo.log``; the console shows ours."""
+    from ssfer_dist import console
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ssfer-torch-extensions"))
@@ -171,28 +191,47 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
     _prepare_out(out)
     t_start = time.time()
     seed_dir = os.path.join(out, f"seed{seed}")
-    for sub in ("data", "shards", "runs", "report"):
+    for sub in ("data", "shards", "runs", "report", "logs"):
         shutil.rmtree(os.path.join(seed_dir, sub), ignore_errors=True)  # a rerun starts clean
-    urls = make_data(seed_dir, plan, seed)
+    with console.log_file(seed_dir, "demo.log") as log_path:
+        log.info("ssfer demo (seed %d%s): full log %s", seed, ", quick" if quick else "", log_path)
+        return _run_demo(out, seed_dir, quick, seed, num_workers, plan, t_start, log_path)
+
+
+def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int, plan: DemoPlan,
+              t_start: float, log_path: str) -> Dict[str, Any]:
+    from ssfer_dist import console
+
+    names = ("pretrain", "scratch", "facemix", "semisup")
+    count = len(names) + 2                   # data, four trainings, evaluation
+    with console.stage(1, count, "synthetic data and shards"):
+        urls = make_data(seed_dir, plan, seed)
+    # torch / Ray imports after the data stage: the first lines appear at once
+    from ssfer_dist.distributed.launch import planned_steps, run_stage
+    from ssfer_dist.evaluate import evaluate_shards, write_outputs
+
     t_data = time.time() - t_start
     runs = os.path.join(seed_dir, "runs")
     cfgs = stage_configs(plan, urls, runs, seed, num_workers)
+    steps = [planned_steps(cfgs[n]) for n in names]
     timings: Dict[str, float] = {"data": round(t_data, 1)}
     results: Dict[str, Any] = {}
-    for name in ("pretrain", "scratch", "facemix", "semisup"):
+    for i, name in enumerate(names):
         t = time.time()
-        results[name] = run_stage(cfgs[name])
+        with console.stage(i + 2, count, name, future_steps=steps[i + 1:]):
+            results[name] = run_stage(cfgs[name], label=name)
         timings[name] = round(time.time() - t, 1)
-        log.info("demo stage %s done in %.1fs -> %s", name, timings[name], results[name].export_path)
     report = os.path.join(seed_dir, "report")
     rows: Dict[str, Any] = {}
     t = time.time()
-    for key, label in ROWS:
-        m = evaluate_shards(results[key].export_path, urls["fer_test"])
-        paths = write_outputs(m, os.path.join(report, key), title=f"{label} (seed {seed})")
-        rows[key] = {"label": label, "accuracy": m["accuracy"], "mean_class_accuracy": m["mean_class_accuracy"],
-                     "macro_f1": m["macro_f1"], "weights": results[key].export_path,
-                     "confusion_png": paths["confusion_png"], "metrics": paths["metrics"]}
+    with console.stage(count, count, "evaluate on the test split"):
+        for key, label in ROWS:
+            m = evaluate_shards(results[key].export_path, urls["fer_test"])
+            paths = write_outputs(m, os.path.join(report, key), title=f"{label} (seed {seed})")
+            rows[key] = {"label": label, "accuracy": m["accuracy"], "mean_class_accuracy": m["mean_class_accuracy"],
+                         "macro_f1": m["macro_f1"], "weights": results[key].export_path,
+                         "confusion_png": paths["confusion_png"], "metrics": paths["metrics"]}
+            log.info("%s: accuracy %.3f", label, m["accuracy"])
     timings["evaluate"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
     from ssfer_dist.data.manifest import read_manifest
@@ -206,7 +245,7 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
         "chance": 1.0 / 7,
         "outputs": {"runs": runs, "report": report, "shards": os.path.join(seed_dir, "shards"),
                     "previews": os.path.join(runs, f"demo-s{seed}-pretrain", "previews"),
-                    "tensorboard": f"tensorboard --logdir {runs}"},
+                    "tensorboard": f"tensorboard --logdir {runs}", "log": log_path},
     }
     with open(os.path.join(report, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
@@ -230,6 +269,7 @@ def format_comparison(summary: Dict[str, Any]) -> str:
               f"  MAE reconstructions {o['previews']}/",
               f"  TensorBoard         {o['tensorboard']}",
               f"  shards              {o['shards']}/",
+              f"  full log            {o.get('log', '-')}",
               "timings (s): " + ", ".join(f"{k} {v}" for k, v in s["timings_s"].items())]
     return "\n".join(lines)
 

@@ -70,6 +70,13 @@ class Predictor:
         if len(self.class_names) != nc:
             self.class_names = [f"class_{i}" for i in range(nc)]
         self.img_size = int(self.meta["arch"]["img_size"])
+        from ssfer_dist.synth import is_synthetic
+
+        synthetic = [d for d in self.meta.get("trained_on", []) if is_synthetic(d)]
+        if synthetic:
+            log.warning("%s was trained on the synthetic demo data (%s): drawn faces, not photos, so its labels "
+                        "on real photos mean little; train on a real FER set (e.g. configs/finetune_rafdb.yaml) "
+                        "for that", weights, ", ".join(synthetic))
         self.detector_kind = detector
         self.detector = make_detector(detector)
         if margin < 0:

@@ -30,7 +30,7 @@ import csv
 import dataclasses
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -68,6 +68,14 @@ _PROTO: Dict[str, Dict[str, float]] = {
                       mouth_curve=-0.05, mouth_open=0.15, mouth_width=1.25, sneer=0.0),
 }
 _NEUTRAL = _PROTO["neutral"]
+
+
+SYNTH_PREFIX = "synth"     # the demo's shard sets are named synthfer / synthfr
+
+
+def is_synthetic(dataset: str) -> bool:
+    """Whether a manifest's / export's dataset name is one of the demo's synthetic sets."""
+    return str(dataset).startswith(SYNTH_PREFIX)
 
 
 def canonical_to_rafdb(cls: int) -> int:
@@ -267,13 +275,15 @@ def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
 
 
 def write_rafdb(root: str, num_train_per_class: int, num_test_per_class: int, seed: int = 0,
-                image_size: int = 100, cfg: SynthConfig = SynthConfig()) -> Dict[str, int]:
+                image_size: int = 100, cfg: SynthConfig = SynthConfig(),
+                progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, int]:
     """Write a labeled synthetic set in RAF-DB's layout under ``root``.
 
     Files: ``EmoLabel/list_patition_label.txt`` (``train_00001.jpg 5`` — RAF-DB ids 1..7),
     ``Image/aligned/train_00001_aligned.jpg`` (``image_size`` px, the head fills the frame, so the
     RAF-DB convention "box = whole frame" holds) and ``synth_boxes.csv`` (name, canonical class, exact
     head box x1,y1,x2,y2). Classes are balanced and interleaved in random order. Returns counts per split.
+    ``progress(done, total)`` is called after each image.
     """
     img_dir = os.path.join(root, "Image", "aligned")
     os.makedirs(img_dir, exist_ok=True)
@@ -281,6 +291,7 @@ def write_rafdb(root: str, num_train_per_class: int, num_test_per_class: int, se
     lines: List[str] = []
     boxes: List[Tuple] = []
     counts = {}
+    total, done = (num_train_per_class + num_test_per_class) * NUM_CLASSES_7, 0
     for split, per_class, stream in (("train", num_train_per_class, 1), ("test", num_test_per_class, 2)):
         order = np.random.default_rng([seed, stream, 10 ** 6]).permutation(
             np.repeat(np.arange(NUM_CLASSES_7), per_class))
@@ -292,6 +303,9 @@ def write_rafdb(root: str, num_train_per_class: int, num_test_per_class: int, se
             img.save(os.path.join(img_dir, f"{name}_aligned.jpg"), quality=92)
             lines.append(f"{name}.jpg {canonical_to_rafdb(int(cls))}")
             boxes.append((name, int(cls)) + tuple(round(v, 2) for v in box))
+            done += 1
+            if progress is not None:
+                progress(done, total)
         counts[split] = len(order)
     with open(os.path.join(root, "EmoLabel", "list_patition_label.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -305,13 +319,14 @@ def write_rafdb(root: str, num_train_per_class: int, num_test_per_class: int, se
 def write_identity_folders(root: str, num_identities: int, images_per_identity: int, seed: int = 0,
                            image_size: int = 128, face_frac: Tuple[float, float] = (0.45, 0.9),
                            cfg: Optional[SynthConfig] = None,
-                           classes: Sequence[int] = tuple(range(NUM_CLASSES_7))) -> int:
+                           classes: Sequence[int] = tuple(range(NUM_CLASSES_7)),
+                           progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Write an unlabeled synthetic FR-style set in VGGFace2's layout under ``root``.
 
     ``train/n000001/0001_01.jpg`` … plus ``bb_landmark/loose_bb_train.csv`` (header
     ``NAME_ID,X,Y,W,H``, NAME_ID = ``n000001/0001_01``) with the exact head boxes, and
     ``synth_classes.csv`` (NAME_ID, hidden canonical class) so tests can check pseudo-labels.
-    Returns the number of images.
+    Returns the number of images. ``progress(done, total)`` is called after each image.
     """
     cfg = cfg if cfg is not None else SynthConfig()
     os.makedirs(os.path.join(root, "bb_landmark"), exist_ok=True)
@@ -329,6 +344,8 @@ def write_identity_folders(root: str, num_identities: int, images_per_identity: 
             img.save(os.path.join(root, "train", name_id + ".jpg"), quality=92)
             rows.append((name_id, round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)))
             hidden.append((name_id, cls))
+            if progress is not None:
+                progress(len(rows), num_identities * images_per_identity)
     with open(os.path.join(root, "bb_landmark", "loose_bb_train.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["NAME_ID", "X", "Y", "W", "H"])

@@ -107,10 +107,37 @@ def convert_fields(cls: Any, data: Dict[str, Any], path: str = "") -> Dict[str, 
     for k in data:
         if k not in names:
             where = f"{path}.{k}" if path else str(k)
-            raise ConfigError(f"{where}: unknown key (expected one of: {', '.join(sorted(names))})")
+            raise ConfigError(f"{where}: unknown key{did_you_mean(str(k), names)} "
+                              f"(expected one of: {', '.join(sorted(names))})")
     return {k: convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
 
 
 def build(cls: Any, data: Dict[str, Any], path: str = "") -> Any:
     """An instance of dataclass ``cls`` from the mapping ``data`` (missing fields take their defaults)."""
     return cls(**convert_fields(cls, data, path))
+
+
+def did_you_mean(name: str, names) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``names`` to a mistyped ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_key_path(cls: Any, parts: List[str], label: str) -> None:
+    """``parts`` (``["train", "max_step"]``) must name a field path of dataclass ``cls``; stops checking
+    where the field is no longer a dataclass (a dict of free keys, a list). ``ConfigError`` starting with
+    ``label`` (e.g. ``--set train.max_step=5``), naming the bad part and the closest field name."""
+    node = cls
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"{label}: unknown key {part!r} in {where}{did_you_mean(part, names)} "
+                              f"(expected one of: {', '.join(sorted(names))})")
+        tp = typing.get_type_hints(node)[part]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        node = args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp

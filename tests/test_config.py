@@ -76,8 +76,11 @@ def test_overrides_use_yaml_scalar_typing(tmp_path):
     assert cfg.scaling.resources_per_worker == {"TPU": 1.0}
     with pytest.raises(ConfigError, match="train.max_steps: expected"):
         load_config(path, ["train.max_steps=many"])
-    with pytest.raises(ConfigError, match="train.nope: unknown key"):
+    # a --set typo is reported as that --set (not as the YAML file), with the closest key
+    with pytest.raises(ConfigError, match=r"^--set train\.nope=1: unknown key 'nope' in train \(expected"):
         load_config(path, ["train.nope=1"])
+    with pytest.raises(ConfigError, match=r"^--set train\.max_step=5: .*\(did you mean 'max_steps'\?\)"):
+        load_config(path, ["train.max_step=5"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(path, ["train.max_steps"])
 

@@ -148,6 +148,9 @@ def test_three_debug_stages_chain_through_exports(ray_local, shards, tmp_path):
     results = run_pipeline(os.path.join(CONFIGS, "debug_cpu_pipeline.yaml"), ov)
     kinds = [load_weights(r.export_path)[1]["kind"] for r in results]
     assert kinds == ["mae", "classifier", "classifier"]
+    # each export records the data it and its init weights saw (debug sets: fr, fer labeled, ferU unlabeled)
+    assert [load_weights(r.export_path)[1]["trained_on"] for r in results] == \
+        [["fr"], ["fr", "fer"], ["fr", "fer", "ferU"]]
     ft_cfg = json.loads(json.dumps(_metrics(results[1].run_url)[-1]))
     assert ft_cfg["step"] == 10 and "loss_mix" in ft_cfg
     semi = _metrics(results[2].run_url)

@@ -214,8 +214,9 @@ def test_inspect_counts_refused_corrupt_and_bomb_samples(tmp_path, evil_folder, 
     from PIL import Image
 
     img = Image.open(sheet).convert("RGB")
-    assert img.getpixel((128 + 64, 10)) == (90, 0, 0)            # tile 1: the corrupt mark (dark red)
-    assert img.getpixel((3, 3)) != (90, 0, 0)                    # tile 0: a face
+    top = 2 * 14 + 4                                             # the colour legend above the tiles
+    assert img.getpixel((128 + 64, top + 10)) == (90, 0, 0)      # tile 1: the corrupt mark (dark red)
+    assert img.getpixel((3, top + 3)) != (90, 0, 0)              # tile 0: a face
     assert main(["inspect", evil_folder, "--sheet", str(tmp_path / "s2.png")]) == 0
     assert "6 tar member(s) refused" in capsys.readouterr().out
 

@@ -101,6 +101,9 @@ def test_resume_after_kill_gives_the_same_manifest(tmp_path, monkeypatch):
     rep = build("image-folder", root, out, seed=1)
     assert rep["resumed_shards"] == 2
     assert (out / "manifest.parquet").read_bytes() == reference
+    # finished: the sidecars are merged into one hidden state file, no _build/ folder beside the shards
+    assert not (out / "_build").exists() and (out / ".build-state.json").is_file()
+    assert build("image-folder", root, out, seed=1)["resumed_shards"] == 5
     # a damaged complete shard is rebuilt, not trusted
     damaged = out / sorted(ref_shards)[0]
     damaged.write_bytes(damaged.read_bytes()[:-512] + b"\1" * 512)
@@ -142,8 +145,12 @@ def test_inspect_writes_contact_sheet(tmp_path, capsys):
     assert "samples: 5" in text and "happiness" in text
     im = Image.open(sheet)
     assert im.format == "PNG" and im.size[0] == 4 * 128
-    px = im.convert("RGB").getpixel((1, 1))
+    rgb = im.convert("RGB")
+    legend_h = 2 * 14 + 4                   # two legend rows above the tiles: red = face box, yellow = fallback
+    px = rgb.getpixel((1, legend_h + 1))
     assert px[0] > 200 and px[1] < 80  # the red box edge along the whole-frame box
+    red, yellow = rgb.getpixel((4, 2 + 2)), rgb.getpixel((4, 2 + 14 + 2))
+    assert red[0] > 200 and red[1] < 80 and yellow[0] > 200 and yellow[1] > 200 and yellow[2] < 80
 
 
 def test_split_is_deterministic_and_byte_exact(tmp_path):

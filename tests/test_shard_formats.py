@@ -234,7 +234,11 @@ def test_vggface2_boxes_and_detector(tmp_path):
     write(src / "n000001" / "0002_01.jpg", img_bytes(120, 90, seed=2))
     write(tmp_path / "bb_landmark" / "loose_bb_train.csv",
           b'NAME_ID,X,Y,W,H\n"n000001/0001_01",50,60,60,80\n')
-    rep = build("image-folder", src, tmp_path / "out", image_size=56, name="vgg", detector="haar")
+    # default --no-face skip: the face-less noise image is not stored, and the report says why
+    rep = build("image-folder", src, tmp_path / "skip", image_size=56, name="vgg", detector="haar")
+    assert rep["num_samples"] == 1 and rep["skipped_by_reason"] == {"no_face": 1} and rep["fallback_boxes"] == 0
+    assert list(read_tar_samples(tmp_path / "skip")) == ["vgg/n000001/0001_01"]
+    rep = build("image-folder", src, tmp_path / "out", image_size=56, name="vgg", detector="haar", no_face="keep")
     s = read_tar_samples(tmp_path / "out")
     meta = SampleMeta.from_json(s["vgg/n000001/0001_01"]["json"])
     # side = 1.25 * 80 = 100, centre (80, 100) -> crop x0 30, y0 50; scale 56/100
@@ -454,7 +458,8 @@ def test_cli_structural_error_keeps_existing_output(tmp_path):
     spec.write_text("format: rafdb\nimage_sise: 64\n")
     bad = subprocess.run([sys.executable, "-m", "sharding", "build", "--spec", str(spec)], capture_output=True,
                          text=True, env=env)
-    assert bad.returncode == 2 and "spec.yaml: image_sise: unknown key (expected one of: " in bad.stderr
+    want = "spec.yaml: image_sise: unknown key (did you mean 'image_size'?) (expected one of: "
+    assert bad.returncode == 2 and want in bad.stderr
 
 
 def test_all_samples_bad_is_an_error_with_a_report(tmp_path):

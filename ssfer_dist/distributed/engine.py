@@ -104,10 +104,32 @@ def _zero3_fp32_master_is_param():
         Z3._create_fp32_partitions = orig
 
 
+def _skip_cpu_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU communication backend from loading its shared-memory all-reduce op.
+
+    On the CPU accelerator ``deepspeed.comm`` JIT-compiles (first time) or loads (under a file lock in
+    ``TORCH_EXTENSIONS_DIR``, shared by every worker) ``deepspeed_shm_comm`` in each process, and first
+    probes every op builder with compiler subprocesses. The op only serves ``inference_all_reduce``;
+    training collectives go through ``torch.distributed`` (gloo) either way. Marking it incompatible
+    before the backend starts skips the probe, the build and its "built successfully" line: minutes per
+    worker on a busy 2-core machine. GPU runs never take this path."""
+    import deepspeed.ops
+
+    ops = vars(deepspeed.ops)
+    compatible = ops.get("__compatible_ops__")
+    if compatible is None:            # not probed yet (the probe is lazy): set it without probing
+        compatible = ops["__compatible_ops__"] = {}
+    compatible["deepspeed_shm_comm"] = False
+
+
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: Dict[str, Any]):
     """``deepspeed.initialize`` (reuses the process group Ray Train created). Returns the engine.
-    fp32 ZeRO-3 keeps no second fp32 copy of the partitions (see ``_zero3_fp32_master_is_param``)."""
+    fp32 ZeRO-3 keeps no second fp32 copy of the partitions (see ``_zero3_fp32_master_is_param``).
+    On CPU, DeepSpeed's shared-memory op is not built (``_skip_cpu_shm_comm_op``)."""
     import deepspeed
+
+    if not torch.cuda.is_available():
+        _skip_cpu_shm_comm_op()
 
     if not torch.distributed.is_initialized():  # a single process outside Ray (benchmarks, tools)
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")

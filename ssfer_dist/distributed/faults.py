@@ -237,18 +237,3 @@ def failure_policy_factory():
             return super().make_decision(training_failed_error)
 
     return lambda failure_config: PermanentFaultsRaise(failure_config)
-
-
-def skip_cpu_shm_comm_build() -> None:
-    """On DeepSpeed's CPU accelerator, do not JIT-build its shared-memory all-reduce op.
-
-    ``deepspeed.comm`` builds it in every worker at start-up, but uses it only for inference all-reduce
-    (training collectives go through torch.distributed). The build takes minutes on a busy machine and
-    is serialised by a file lock shared by every process using the same ``TORCH_EXTENSIONS_DIR``: one
-    rank then sits at 0 % CPU waiting for the lock while its peers wait for it in the rendezvous.
-    Without the op DeepSpeed falls back to torch.distributed. No effect on GPU accelerators."""
-    if os.environ.get("DS_ACCELERATOR", "") != "cpu":
-        return
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -91,10 +91,12 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
     if stage.needs_labels and labeled.num_classes == 0:
         raise UserError(f"data.shards: {labeled.url} is unlabeled; stage {stage.name!r} needs labeled shards")
     unl = []
+    datasets = [labeled.dataset]
     first = 0  # sample ids run over all unlabeled sources: source after source, shard after shard
     for i, u in enumerate(cfg.data.unlabeled if stage.needs_unlabeled else []):
         key = f"data.unlabeled[{i}].shards"
         m = _read_manifest(u.shards, key)
+        datasets.append(m.dataset)
         offsets = []
         for s in m.shards:
             offsets.append(first)
@@ -116,7 +118,8 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
         num_classes=labeled.num_classes if stage.needs_labels else 0,
         class_names=tuple(labeled.class_names) if stage.needs_labels else (),
         unlabeled=tuple(unl), num_unlabeled=first,
-        register_s3=any(storage.is_s3(x) for x in [cfg.data.shards] + [u.shards for u in cfg.data.unlabeled]))
+        register_s3=any(storage.is_s3(x) for x in [cfg.data.shards] + [u.shards for u in cfg.data.unlabeled]),
+        datasets=tuple(dict.fromkeys(d for d in datasets if d)))
     stage.preflight(StageConfigs.of(cfg), plan)
     if check_storage:
         try:
@@ -165,8 +168,12 @@ def ensure_ray(cfg: Config) -> None:
     credentials included); the runtime env carries only non-secret settings."""
     import ray
 
+    from ssfer_dist import console
+
     if ray.is_initialized():
+        console.route_ray_output()
         return
+    console.prepare_ray_import()
     address = os.environ.get("RAY_ADDRESS")
     env = {"env_vars": _worker_env(cfg.scaling.use_gpu)}
     if address:
@@ -176,7 +183,9 @@ def ensure_ray(cfg: Config) -> None:
         except Exception as e:   # unreachable cluster, start-up timeout: one line naming the address
             why = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise UserError(f"RAY_ADDRESS={address}: could not connect to Ray: {type(e).__name__}: {why}") from None
+        console.route_ray_output()
         return
+    log.info("starting a local Ray instance (set RAY_ADDRESS to use a running cluster)")
     need = max(1, int(round(cfg.scaling.num_workers * max(cfg.scaling.cpus_per_worker, 1.0))))
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls (without it every
     # stage logs a warning per second) and lets the user watch the run.
@@ -184,13 +193,15 @@ def ensure_ray(cfg: Config) -> None:
 
     kw = private_init_kwargs(env)
     try:
-        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+        # address="local": a new instance even when `ray start` left one running on this machine
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
                  object_store_memory=256 * 1024 * 1024, log_to_driver=True, **kw)
         log.info("started a private local Ray in %s (dashboard %s)", kw["_temp_dir"],
                  kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"])
     except Exception as e:   # e.g. a start-up timeout: one line, not a traceback
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"could not start a local Ray: {type(e).__name__}: {why} (logs: {kw['_temp_dir']})") from None
+    console.route_ray_output()
 
 
 def _storage_args(url: str, retry_s: float = 120.0) -> Dict[str, Any]:
@@ -218,19 +229,30 @@ def _storage_args(url: str, retry_s: float = 120.0) -> Dict[str, Any]:
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
 
-def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
-    """Run one stage to its final step on Ray (resuming from the run's latest checkpoint if any)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ssfer_dist.train.loop import train_loop_per_worker
+def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None, label: Optional[str] = None) -> RunResult:
+    """Run one stage to its final step on Ray (resuming from the run's latest checkpoint if any).
+    ``label`` tags its progress lines (default: the stage name). Every line of the run (ours, Ray's, the
+    workers') goes to ``<run>/logs/ssfer.log``; the console shows only ours (:mod:`ssfer_dist.console`)."""
+    from ssfer_dist import console
 
     cfg = absolute_paths(cfg)          # configs built in code (from_dict) may hold relative paths
     storage.set_retry_budget(cfg.run.storage_retry_s)
     if plan is None:
         plan = preflight(cfg)
-    ensure_ray(cfg)
+    with console.log_file(plan.run_url) as log_path:
+        return _run_stage(cfg, plan, label or plan.stage, log_path)
+
+
+def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunResult:
     sc = cfg.scaling
+    log.info("[%s] run %s (%s): %d workers, %d steps, global batch %d, lr %.3g → %s", label, cfg.run.name,
+             cfg.train.stage, sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
+    ensure_ray(cfg)
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ssfer_dist.train.loop import train_loop_per_worker
+
     res: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
     if sc.use_gpu:
         res["GPU"] = float(sc.gpus_per_worker or 1.0)
@@ -250,17 +272,17 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         **_storage_args(_abs_storage(cfg.run.storage), cfg.run.storage_retry_s),
     )
-    payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env(sc.use_gpu)}
+    payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env(sc.use_gpu), "label": label}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo",
                                                     timeout_s=int(fc.collective_timeout_s)))
-    log.info("[%s] run %s: %d workers, %d steps, global batch %d, lr %.3g → %s", cfg.train.stage, cfg.run.name,
-             sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
+    log.info("[%s] starting %d Ray Train workers (full log: %s)", label, sc.num_workers, log_path)
     from ssfer_dist.distributed import faults
     from ssfer_dist.distributed.checkpoint import sweep_incomplete
 
-    started = time.time() - 1.0
+    t0 = time.time()
+    started = t0 - 1.0
     try:
         with _permanent_faults_not_retried():
             result = trainer.fit()
@@ -273,8 +295,10 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
         log.warning("could not sweep incomplete checkpoints: %s", e)
     if error is not None:
         why = faults.one_line(error, faults.read_causes(plan.run_url, started))
-        raise faults.RunFailed(f"run {cfg.run.name} failed: {why}") from error
+        raise faults.RunFailed(f"run {cfg.run.name} failed: {why} (full log: {log_path})") from error
     export = storage.join(plan.run_url, "export", "model.safetensors")
+    log.info("[%s] done in %.0f s: weights %s, metrics %s, log %s", label, time.time() - t0, export,
+             storage.join(plan.run_url, "metrics.jsonl"), log_path)
     ck = result.checkpoint.path if result.checkpoint is not None else None
     return RunResult(run_url=plan.run_url, export_path=export, metrics=dict(result.metrics or {}), checkpoint=ck)
 
@@ -365,13 +389,26 @@ def pipeline_configs(path: str, overrides: List[str]) -> List[Config]:
     return cfgs
 
 
+def planned_steps(cfg: Config) -> int:
+    """A stage's optimizer steps as far as known before it starts (0 when its manifest is unreadable)."""
+    try:
+        num = _read_manifest(cfg.data.shards, "data.shards").num_samples
+    except UserError:
+        num = None
+    return int(derived(cfg, num).get("total_steps") or 0)
+
+
 def run_pipeline(path: str, overrides: List[str]) -> List[RunResult]:
     """pretrain → FaceMix → semi-supervised, each from the previous export, on one Ray instance."""
+    from ssfer_dist import console
+
     cfgs = pipeline_configs(path, overrides)
     preflight(cfgs[0])          # fail early for the first stage; later stages are checked before they start
+    steps = [planned_steps(c) for c in cfgs]
     results = []
-    for cfg in cfgs:
-        results.append(run_stage(cfg, preflight(cfg)))
+    for i, (name, cfg) in enumerate(zip(_PIPE_STAGES, cfgs)):
+        with console.stage(i + 1, len(cfgs), name, future_steps=steps[i + 1:]):
+            results.append(run_stage(cfg, preflight(cfg), label=name))
     return results
 
 

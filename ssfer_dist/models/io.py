@@ -74,6 +74,20 @@ def load_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     return sd, meta
 
 
+def read_meta(path: str) -> Dict[str, Any]:
+    """The ``ssfer`` metadata of a weights file without reading its tensors (``{}`` when absent)."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        return json.loads(raw) if raw else {}
+    except Exception:
+        return {}
+
+
 def encoder_state(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The encoder part (timm ViT keys) of an MAE or classifier state dict."""
     return {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}

@@ -167,8 +167,15 @@ class Stage:
         return sd, dict(self.export_base(sub, plan), kind="classifier", arch=arch, class_names=list(plan.class_names))
 
     def export_base(self, sub: StageConfigs, plan: LaunchPlan) -> Dict[str, Any]:
+        """Metadata every export carries. ``trained_on``: the datasets of this run and of the runs its
+        ``init.weights`` came from (``ssfer predict`` warns when they are the synthetic demo sets)."""
+        trained_on = list(plan.datasets)
+        if sub.init.weights:
+            from ssfer_dist.models.io import read_meta
+
+            trained_on = list(read_meta(local_weights(sub.init.weights)).get("trained_on", [])) + trained_on
         return {"mean": list(FACE_MEAN), "std": list(FACE_STD), "stage": self.name, "run": sub.run.name,
-                "steps": int(plan.total_steps)}
+                "steps": int(plan.total_steps), "trained_on": list(dict.fromkeys(trained_on))}
 
     def preview(self, task: Task, batch: Dict[str, Any], step: int, run_url: str, metrics_log, rank: int) -> None:
         """Called by every rank every ``train.preview_every`` steps; nothing by default."""

@@ -20,6 +20,32 @@ from ssfer_dist.tasks.common import prepare_images
 from ssfer_dist.train.plan import LaunchPlan
 
 
+PREVIEW_SAMPLES = 8
+PREVIEW_ROWS = ("original", "masked", "reconstruction", "pasted")
+PREVIEW_MIN_TILE = 96
+
+
+def preview_grid(rows: List[np.ndarray], labels, title: str = "", min_tile: int = PREVIEW_MIN_TILE):
+    """Rows of ``[N, H, W, 3]`` uint8 images → one labelled PIL image: a title line, then per row its label
+    on the left and the N images scaled up (nearest, whole multiples) to at least ``min_tile`` px."""
+    from PIL import Image, ImageDraw
+
+    n, h, w = rows[0].shape[:3]
+    scale = max(1, -(-min_tile // max(h, w)))            # ceil(min_tile / side)
+    th, tw, gap, label_w, title_h = h * scale, w * scale, 4, 110, 18 if title else 0
+    out = Image.new("RGB", (label_w + n * (tw + gap), title_h + len(rows) * (th + gap)), (24, 24, 24))
+    draw = ImageDraw.Draw(out)
+    if title:
+        draw.text((4, 3), title, fill=(235, 235, 235))
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        y = title_h + r * (th + gap)
+        draw.text((6, y + th // 2 - 6), label, fill=(235, 235, 235))
+        for i in range(n):
+            tile = Image.fromarray(row[i]).resize((tw, th), Image.NEAREST)
+            out.paste(tile, (label_w + i * (tw + gap), y))
+    return out
+
+
 class MAEStage(Stage):
     name = "mae"
     section = None                    # reads model.* (mask_ratio, decoder) only
@@ -58,12 +84,11 @@ class MAEStage(Stage):
 
     @torch.no_grad()
     def preview(self, task: Task, batch: Dict[str, Any], step: int, run_url: str, metrics_log, rank: int) -> None:
-        """Original / masked / reconstruction grid of up to 4 images → ``previews/step_XXXXXXXX.png``.
-        Every rank runs the forward (ZeRO-3 gathers need all ranks); rank 0 writes."""
-        from PIL import Image
-
+        """Original / masked / reconstruction / pasted rows of up to 8 images, each scaled up to at least
+        96 px, with row labels → ``previews/step_XXXXXXXX.png``. Every rank runs the forward (ZeRO-3
+        gathers need all ranks); rank 0 writes."""
         model = task.model
-        x = prepare_images(batch["image"][:4], task.input_dtype)
+        x = prepare_images(batch["image"][:PREVIEW_SAMPLES], task.input_dtype)
         was_training = model.training
         model.eval()
         _loss, pred, mask = model(x, mask_ratio=task.mask_ratio)
@@ -90,10 +115,11 @@ class MAEStage(Stage):
             t = (t * std + mean).clamp(0, 1)
             return (t.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
 
-        rows: List[np.ndarray] = [np.concatenate(list(to_img(t)), axis=1) for t in (x, masked, rec, paste)]
-        grid = np.concatenate(rows, axis=0)
+        rows: List[np.ndarray] = [to_img(t) for t in (x, masked, rec, paste)]
+        image = preview_grid(rows, PREVIEW_ROWS, title=f"MAE step {step}, mask ratio {task.mask_ratio:g}")
+        grid = np.asarray(image)
         buf = io.BytesIO()
-        Image.fromarray(grid).save(buf, format="PNG")
+        image.save(buf, format="PNG")
         storage.put_bytes(storage.join(run_url, "previews", f"step_{step:08d}.png"), buf.getvalue())
         if metrics_log is not None:
             metrics_log.add_image("mae/preview", torch.from_numpy(grid).permute(2, 0, 1), step)

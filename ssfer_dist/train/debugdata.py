@@ -3,9 +3,12 @@
 ``write_debug_shards(root)`` writes, following ``ssfer_dist.data.schema`` and ``ssfer_dist.data.manifest``:
 
 - ``root/fr``              unlabeled "face recognition" shards (MAE pretraining, unlabeled stream);
-- ``root/fer/labeled``     labeled FER shards (7 classes);
-- ``root/fer/unlabeled``   the FER remainder (labels kept in ``cls`` for pseudo-label accuracy);
-- ``root/fer_test``        a labeled test split.
+- ``root/fer_split/labeled``     labeled FER shards (7 classes);
+- ``root/fer_split/unlabeled``   the FER remainder (labels kept in ``cls`` for pseudo-label accuracy);
+- ``root/fer_test``              a labeled test split.
+
+The folder names are those ``ssfer demo`` writes under ``<out>/seed<N>/shards`` (its ``fer_train`` is
+the folder it splits), so the debug configs read either: ``ssfer-demo/seed0/shards/...``.
 
 Classes are made learnable by a per-class colour tint and bar position on top of the face.
 """
@@ -94,14 +97,17 @@ def write_shard_folder(folder: str, images: List[np.ndarray], classes: List[int]
     return folder
 
 
+DEFAULT_ROOT = "ssfer-demo/seed0/shards"     # where `ssfer demo` (seed 0) puts its shards; the debug configs read it
+
+
 def write_debug_shards(root: str, image_size: int = 32, num_fr: int = 256, num_fer: int = 224,
                        labeled_fraction: float = 0.25, num_test: int = 70, seed: int = 0,
                        corrupt_every: int = 0) -> Dict[str, str]:
     """The debug data set under ``root``; returns ``{"fr", "labeled", "unlabeled", "test"}`` folders."""
     rng = np.random.default_rng(seed)
     fr = face_images(num_fr, image_size, seed)
-    out = {"fr": storage.join(root, "fr"), "labeled": storage.join(root, "fer", "labeled"),
-           "unlabeled": storage.join(root, "fer", "unlabeled"), "test": storage.join(root, "fer_test")}
+    out = {"fr": storage.join(root, "fr"), "labeled": storage.join(root, "fer_split", "labeled"),
+           "unlabeled": storage.join(root, "fer_split", "unlabeled"), "test": storage.join(root, "fer_test")}
     write_shard_folder(out["fr"], fr, [-1] * num_fr, dataset="fr", num_classes=0, role="all",
                        corrupt_every=corrupt_every)
     fer_cls = [int(c) for c in rng.integers(0, 7, num_fer)]
@@ -120,7 +126,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``python -m ssfer_dist.train.debugdata ROOT``: write the debug shard folders."""
     import sys
 
-    root = (argv or sys.argv[1:] or ["ssfer-demo/shards"])[0]
+    root = (argv or sys.argv[1:] or [DEFAULT_ROOT])[0]
+    if os.path.normpath(root) == os.path.normpath(DEFAULT_ROOT):
+        # mark ssfer-demo/ as a demo folder (ssfer_dist.demo.MARKER), so a later `ssfer demo` may reuse it
+        os.makedirs("ssfer-demo", exist_ok=True)
+        open(os.path.join("ssfer-demo", ".ssfer-demo"), "a").close()
     for k, v in write_debug_shards(root).items():
         print(f"{k}: {v}")
     return 0

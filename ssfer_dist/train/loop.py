@@ -22,6 +22,7 @@ import torch
 
 from ssfer_dist import storage
 from ssfer_dist.config import DebugCfg, from_dict
+from ssfer_dist.console import worker_logging
 from ssfer_dist.distributed import checkpoint as ckpt_mod
 from ssfer_dist.distributed import faults
 from ssfer_dist.distributed.engine import (
@@ -120,7 +121,6 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     shard URLs, class names, run URL; read here, never recomputed)."""
     import ray.train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = from_dict(payload["config"])
     plan: LaunchPlan = payload["plan"]
     rank = ray.train.get_context().get_world_rank()
@@ -167,6 +167,8 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
         storage.register_webdataset_s3()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_logging(rank)                          # rank 0's lines reach the console; the rest the log file
+    label = payload.get("label") or plan.stage
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu and torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
@@ -183,7 +185,6 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     groups = stage.param_groups(sub, trainable)
     optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr)
     watchdog.beat("DeepSpeed initialisation")
-    faults.skip_cpu_shm_comm_build()
     engine = build_engine(trainable, optimizer, ds_config(cfg.train, plan.batch_size_per_rank, plan.global_batch))
     gather = gather_ctx(cfg.train.zero_stage)
 
@@ -283,8 +284,10 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
             from ssfer_dist.train.metrics import format_progress
 
             metrics_log.write(record)
-            log.info(format_progress(plan.stage, state.step, total, sps, sps * global_batch,
-                                     record.get("loss", float("nan")), lr))
+            loss = record.get("loss", float("nan"))
+            log.info(format_progress(label, state.step, total, sps, sps * global_batch, loss, lr),
+                     extra={"ssfer_progress": {"label": label, "step": state.step, "total": total, "sps": sps,
+                                               "ips": sps * global_batch, "loss": loss, "lr": lr}})
         if do_ckpt:
             if metrics_log is not None:
                 metrics_log.sync()
@@ -306,7 +309,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
             local = os.path.join(tmp, "model.safetensors")
             save_weights(local, state_dict, meta)
             storage.put_file(local, export_url)
-        log.info("exported %s", export_url)
+        log.debug("[%s] weights: %s", label, export_url)
         if metrics_log is not None:
             metrics_log.close()
     if torch.distributed.is_initialized():

@@ -42,3 +42,4 @@ class LaunchPlan:
     unlabeled: Tuple[UnlabeledPlan, ...] = ()
     num_unlabeled: int = 0
     register_s3: bool = False
+    datasets: Tuple[str, ...] = ()   # the manifests' dataset names (labeled / MAE first), for the export

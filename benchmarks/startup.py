@@ -1,0 +1,105 @@
+"""Start-up cost of a small run: the time from typing ``ssfer run configs/debug_cpu_pretrain.yaml`` to its
+first optimizer step, split into phases, over a few runs.
+
+Each run is a fresh ``python -m ssfer_dist.cli run configs/debug_cpu_pretrain.yaml`` process (new local Ray,
+new workers) on tiny debug shards in a temp folder, with ``train.log_every=1`` so the first step prints a
+progress line. Phases come from the console (seconds since the command started) and the run's log file:
+
+- ``first line``     the first console line (Python start, imports, config, pre-flight);
+- ``ray up``         the local Ray instance started (``ray.init``);
+- ``workers up``     Ray Train reports the worker group started (controller + worker processes);
+- ``first step``     rank 0's ``step 1/`` line (torch/DeepSpeed in the workers, engine, data pipeline);
+- ``exit``           the process ended (the remaining steps, export, Ray shutdown).
+
+    python benchmarks/startup.py [--repeat 3] [--steps 3]
+
+Prints each run's phases and min / median per phase. The target is ``first step`` <= 15 s on an idle
+2-core machine; on a shared machine the load average is printed next to the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PHASES = ("first line", "ray up", "workers up", "first step", "exit")
+
+
+def _clock(text: str) -> float:
+    """``HH:MM:SS[.mmm]`` → seconds since midnight."""
+    h, m, s = text.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def one_run(shards: str, storage: str, name: str, steps: int) -> dict:
+    cmd = [sys.executable, "-m", "ssfer_dist.cli", "run", os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"),
+           "--set", f"data.shards={shards}", "--set", f"run.storage={storage}", "--set", f"run.name={name}",
+           "--set", f"train.max_steps={steps}", "--set", "train.log_every=1", "--set", "checkpoint.every_steps=0",
+           "--set", "train.preview_every=0"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    midnight = time.mktime(time.localtime(t0)[:3] + (0, 0, 0, 0, 0, -1))      # log clocks are local times
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    out = {}
+    lines = []
+    for line in p.stdout:
+        now = time.time() - t0
+        lines.append(line.rstrip())
+        out.setdefault("first line", now)
+        if re.search(r"\] step 1/", line):
+            out.setdefault("first step", now)
+    p.wait()
+    out["exit"] = time.time() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"run failed ({p.returncode}):\n" + "\n".join(lines[-20:]))
+    log = os.path.join(storage, name, "logs", "ssfer.log")
+    with open(log, encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"(\d\d:\d\d:\d\d(?:\.\d+)?) |\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d),(\d+) ", line)
+            if not m:
+                continue
+            clock = _clock(m.group(1)) if m.group(1) else _clock(m.group(2)) + int(m.group(3)) / 1000
+            at = midnight + clock - t0
+            if "Started a local Ray instance" in line:
+                out.setdefault("ray up", at)
+            elif "Started training worker group" in line:
+                out.setdefault("workers up", at)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3, help="runs (default 3)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
+    a = ap.parse_args()
+    from ssfer_dist.train.debugdata import write_debug_shards
+
+    tmp = tempfile.mkdtemp(prefix="ssfer-startup-")
+    shards = write_debug_shards(os.path.join(tmp, "shards"))["fr"]
+    runs = []
+    for i in range(a.repeat):
+        load = os.getloadavg()[0]
+        r = one_run(shards, os.path.join(tmp, "runs"), f"startup-{i}", a.steps)
+        runs.append(r)
+        print(f"run {i + 1}: " + "  ".join(f"{k} {r[k]:.1f}s" for k in PHASES if k in r)
+              + f"   (load average before: {load:.1f}, {os.cpu_count()} CPUs)", flush=True)
+    omp = os.environ.get("OMP_NUM_THREADS", "-")
+    print(f"\ncommand -> phase, seconds over {len(runs)} runs (OMP_NUM_THREADS={omp})")
+    print(f"{'phase':<12} {'min':>7} {'median':>7}")
+    for k in PHASES:
+        vals = [r[k] for r in runs if k in r]
+        if vals:
+            print(f"{k:<12} {min(vals):>7.1f} {statistics.median(vals):>7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

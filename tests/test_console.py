@@ -1,0 +1,199 @@
+"""What a newcomer sees: only our lines on the console, everything else in the run's log file; help texts.
+
+Unit tests drive :mod:`ssfer_dist.console` with records and Ray log batches as Ray's driver hands them
+over; the slow test runs ``ssfer run configs/debug_cpu_pretrain.yaml`` as a user would, with stdout and
+stderr redirected to a file, and counts the lines that are not ours (there must be none).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ssfer_dist import console
+from ssfer_dist.cli import build_parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d (?!\()")     # "HH:MM:SS text", never a Ray "(pid=…)" prefix
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    console._S.installed = False
+    console._S.verbosity = console.NORMAL
+
+
+@pytest.fixture
+def captured(monkeypatch, tmp_path, restore_logging):
+    """console.setup with the console going to a StringIO (not a terminal) and a log file open."""
+    buf = io.StringIO()
+    monkeypatch.setattr(console, "_console_stream", lambda: buf)
+    console.setup(console.NORMAL)
+    with console.log_file(str(tmp_path / "run")) as path:
+        yield buf, path
+
+
+def _lines(buf):
+    return [x for x in buf.getvalue().splitlines() if x]
+
+
+def test_only_our_records_and_marked_worker_lines_reach_the_console(captured):
+    buf, path = captured
+    logging.getLogger("ssfer_dist.distributed.launch").info("[mae] run x: 2 workers")
+    logging.getLogger("ray.train").info("Requesting resources: {'CPU': 1.0} * 2")
+    logging.getLogger("deepspeed").warning("DeepSpeed op built successfully")
+    import warnings
+
+    warnings.warn("`all_gather_into_tensor` is deprecated", FutureWarning, stacklevel=1)
+    console._ray_handler({"pid": 123, "actor_name": "TrainController", "is_err": True, "lines": [
+        "Attempting to start training worker group of size 2",
+        "[2026-12-02 08:31:30,248 E 18932 18999] core_worker.cc:2465: Actor with class name ...",
+        "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'step': 5})",
+        "\x1b[36mcoloured\x1b[0m library line",
+    ]})
+    console._ray_handler({"pid": 124, "actor_name": "RayTrainWorker", "is_err": False, "lines": [
+        console.MARK + "INFO::[mae] weights: /runs/x/export/model.safetensors",
+        console.MARK + "PROGRESS::" + json.dumps({"label": "scratch", "step": 5, "total": 30, "sps": 2.0,
+                                                   "ips": 64.0, "loss": 1.5, "lr": 1e-3}),
+    ]})
+    shown = _lines(buf)
+    assert len(shown) == 3, shown
+    assert all(OUR_LINE.match(x) for x in shown), shown
+    assert "[mae] run x" in shown[0] and "weights: /runs/x" in shown[1]
+    assert "[scratch] step 5/30" in shown[2] and "loss 1.5000" in shown[2]
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    for needle in ("Requesting resources", "built successfully", "FutureWarning", "core_worker.cc",
+                   "Reporting training result 1", "(TrainController pid=123)", "coloured library line",
+                   "[mae] run x", "[scratch] step 5/30"):
+        assert needle in text, needle
+    assert "\x1b" not in text and "\x1b" not in buf.getvalue()
+
+
+def test_ray_error_listener_lines_go_to_the_file(captured):
+    """Ray's driver thread that relays raylet errors prints through ``print_to_stdstream``."""
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as disp
+
+    buf, path = captured
+    original, handlers = ray_worker.print_to_stdstream, list(disp.handlers)
+    try:
+        console.route_ray_output()
+        ray_worker.print_to_stdstream({"lines": ["A worker died or was killed while executing a task"],
+                                       "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        ray_worker.print_to_stdstream, disp.handlers = original, handlers
+    assert _lines(buf) == []
+    assert "(pid=raylet) A worker died" in open(path, encoding="utf-8").read()
+
+
+def test_quiet_and_verbose(captured):
+    buf, _ = captured
+    console.setup(console.QUIET)
+    logging.getLogger("ssfer_dist.x").info("progress")
+    logging.getLogger("ssfer_dist.x").warning("disk almost full")
+    console._ray_handler({"pid": 1, "lines": [console.MARK + "INFO::step line", "library line"]})
+    assert [x.split(" ", 1)[1] for x in _lines(buf)] == ["warning: disk almost full"]
+    console.setup(console.VERBOSE)
+    console._ray_handler({"pid": 1, "actor_name": "RayTrainWorker", "lines": ["library line"]})
+    assert "(RayTrainWorker pid=1) library line" in _lines(buf)[-1]
+
+
+def test_stage_prefix_and_overall_eta(captured):
+    buf, _ = captured
+    with console.stage(2, 4, "scratch", future_steps=[100, 100]):
+        text = console.progress_text({"label": "scratch", "step": 50, "total": 100, "sps": 10.0, "ips": 320.0,
+                                      "loss": 1.0, "lr": 1e-3})
+    assert text.startswith("[2/4 scratch] step 50/100")
+    # 50 steps left here + 200 in the next two stages at 10 steps/s = 25 s, plus two start-ups (measured
+    # on this stage: ~0 s in a test)
+    m = re.search(r"\(all ~(\d+):(\d\d):(\d\d)\)", text)
+    assert m and 25 <= int(m.group(2)) * 60 + int(m.group(3)) <= 27, text
+    assert "stage 2 of 4: scratch" in buf.getvalue()
+
+
+def test_lines_before_a_log_file_opens_are_kept(tmp_path, monkeypatch, restore_logging):
+    monkeypatch.setattr(console, "_console_stream", lambda: io.StringIO())
+    console.setup(console.NORMAL)
+    logging.getLogger("ssfer_dist.x").info("early line")
+    with console.log_file(str(tmp_path)) as path:
+        logging.getLogger("ssfer_dist.x").info("later line")
+    text = open(path, encoding="utf-8").read()
+    assert text.index("early line") < text.index("later line")
+    assert path == str(tmp_path / "logs" / "ssfer.log")
+
+
+def test_help_shows_defaults_and_no_rst_markup(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    top = capsys.readouterr().out
+    assert "``" not in top and "--version" in top and "-q, --quiet" in top
+    for cmd, flags in {"predict": ["--weights", "--detector", "--margin"], "pipeline": ["--set", "--dry-run"],
+                       "demo": ["--seed", "--out", "--workers"], "run": ["--set", "--dry-run"],
+                       "evaluate": ["--batch-size"], "export": ["--format"]}.items():
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for flag in flags:
+            assert re.search(re.escape(flag) + r"\S* [^-]", text), (cmd, flag)
+        for action in parser._subparsers._group_actions[0].choices[cmd]._actions:
+            assert action.help, (cmd, action.option_strings)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--help"])
+    demo = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0)" in demo and "(default: ssfer-demo)" in demo
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--version"])
+    assert capsys.readouterr().out.startswith("ssfer-dist ")
+
+
+def test_set_typo_names_the_set_and_suggests(capsys, restore_logging):
+    from ssfer_dist.cli import main
+
+    code = main(["run", os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"), "--set", "train.max_step=5",
+                 "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--set train.max_step=5: unknown key 'max_step' in train (did you mean 'max_steps'?)" in err
+    assert "debug_cpu_pretrain.yaml" not in err
+
+
+@pytest.mark.slow
+def test_debug_run_console_has_only_our_lines(tmp_path):
+    """``ssfer run configs/debug_cpu_pretrain.yaml > out.txt 2>&1``: every line is ours, no ANSI; the
+    libraries' lines are in ``<run>/logs/ssfer.log``."""
+    from ssfer_dist.train.debugdata import write_debug_shards
+
+    shards = write_debug_shards(str(tmp_path / "shards"))
+    out = tmp_path / "console.txt"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)
+    with open(out, "w") as f:
+        p = subprocess.run(
+            [sys.executable, "-m", "ssfer_dist.cli", "run", os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"),
+             "--set", f"data.shards={shards['fr']}", "--set", f"run.storage={tmp_path / 'runs'}",
+             "--set", "train.max_steps=4", "--set", "train.log_every=2", "--set", "checkpoint.every_steps=2",
+             "--set", "train.preview_every=0"],
+            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path), timeout=900)
+    text = out.read_text()
+    assert p.returncode == 0, text[-3000:]
+    lines = [x for x in text.splitlines() if x.strip()]
+    not_ours = [x for x in lines if not (OUR_LINE.match(x) or x.startswith("{\"export\""))]
+    assert not_ours == [], not_ours
+    assert "\x1b" not in text
+    assert sum("] step " in x for x in lines) == 2, lines
+    log = (tmp_path / "runs" / "debug-pretrain" / "logs" / "ssfer.log").read_text()
+    assert "TrainController" in log and "RayTrainWorker" in log
+    assert "deepspeed_shm_comm" not in log           # the CPU shm op is not built any more
