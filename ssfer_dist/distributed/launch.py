@@ -32,7 +32,7 @@ __all__ = ["RunResult", "run_stage", "run_from_cli", "pipeline_from_cli", "prefl
 # Environment forwarded to the workers (they may run on other nodes or in a Ray started earlier).
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "DS_ACCELERATOR",
-               "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
+               "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "SSFER_COMM_GUARD")
 
 
 @dataclasses.dataclass
