@@ -71,6 +71,7 @@ class ModelCfg:
     # classifier
     global_pool: Literal["token", "avg"] = "token"
     drop_path: float = 0.1
+    grad_checkpointing: bool = False  # activation checkpointing of the ViT/MAE blocks (memory for compute)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class DataCfg:
     uint8: bool = True                # ship uint8 tensors, normalise on device
     draft_decode: bool = True         # PIL Image.draft reduced-size JPEG decode when upsampling is not needed
     steps_per_epoch: Optional[int] = None   # default: manifest samples // global batch
+    pin_memory: Optional[bool] = None # pinned batches, asynchronous copies to the GPU (null: on with CUDA)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class OptimCfg:
     layer_decay: Optional[float] = None   # classifier only (e.g. 0.65)
     warmup_steps: Optional[int] = None
     warmup_epochs: float = 0.0        # used when warmup_steps is not set
+    fused: Optional[bool] = None      # fused AdamW kernel (null: on with CUDA)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class TrainCfg:
     log_every: int = 10
     preview_every: int = 0            # MAE reconstruction PNGs every N steps (0: off)
     tensorboard: bool = True
+    tf32: bool = True                 # TF32 for fp32 matmuls/convolutions on CUDA
+    compile: Optional[bool] = None    # torch.compile of the model (null: on with CUDA and ZeRO 0-2)
 
 
 @dataclass(frozen=True)

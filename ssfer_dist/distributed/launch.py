@@ -138,7 +138,31 @@ def dry_run_text(cfg: Config, source: str) -> str:
     if cfg.optim.lr is None:
         lines.append(f"# effective_lr = base_lr {cfg.optim.base_lr:g} x {d['global_batch']} / 256"
                      f" = {d['effective_lr']:g}")
+    lines += ["", "# fast path on this machine (each worker resolves the automatic switches on its own device)"]
+    lines += fast_path_lines(cfg)
     return "\n".join(lines) + "\n" + note
+
+
+def local_device(cfg: Config) -> str:
+    """The device type a worker on this machine would train on."""
+    import torch
+
+    return "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def fast_path_lines(cfg: Config) -> List[str]:
+    from ssfer_dist.train import fastpath
+    from ssfer_dist.typed import ConfigError
+
+    dev = local_device(cfg)
+    try:
+        lines = fastpath.describe(fastpath.resolve(cfg, dev))
+    except ConfigError as e:
+        return [f"# error on this machine: {e}"]
+    if cfg.scaling.use_gpu and dev == "cpu":
+        lines.append("# scaling.use_gpu: true but this machine has no CUDA: on CUDA workers the automatic switches "
+                     "(null) turn on data.pin_memory, optim.fused, train.compile (ZeRO 0-2), and train.tf32 applies")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ ray

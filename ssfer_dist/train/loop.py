@@ -32,6 +32,7 @@ from ssfer_dist.distributed.engine import (
 )
 from ssfer_dist.stages import get_stage
 from ssfer_dist.stages.base import StageConfigs
+from ssfer_dist.train import fastpath
 from ssfer_dist.train.plan import LaunchPlan
 from ssfer_dist.train.schedule import warmup_cosine
 from ssfer_dist.train.state import TrainState
@@ -90,6 +91,10 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    fast = fastpath.resolve(cfg, device.type)   # this worker's device decides the automatic switches
+    fastpath.apply_backend_flags(fast)
+    if rank == 0:
+        log.info("fast path: %s", "; ".join(fastpath.describe(fast)))
 
     total = plan.total_steps
     ga = plan.grad_accum
@@ -98,8 +103,9 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     if world != plan.num_ranks:
         raise RuntimeError(f"the launch plan is for {plan.num_ranks} ranks, Ray started {world}")
     task, trainable = stage.build_task(sub, plan, device)
+    fastpath.apply_to_model(fast, trainable)    # grad checkpointing, torch.compile (in place: names kept)
     groups = stage.param_groups(sub, trainable)
-    optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr)
+    optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr, fused=fast.fused)
     engine = build_engine(trainable, optimizer, ds_config(cfg.train, plan.batch_size_per_rank, plan.global_batch))
     gather = gather_ctx(cfg.train.zero_stage)
 
@@ -124,7 +130,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
                          shuffle_buffer=cfg.data.shuffle_buffer, uint8=cfg.data.uint8,
                          draft=cfg.data.draft_decode, start_batch=state.micro_batch,
                          num_lanes=max(1, cfg.data.num_loader_workers))
-    batches = iter(make_loader(stream, cfg.data.num_loader_workers))
+    batches = iter(make_loader(stream, cfg.data.num_loader_workers, pin_memory=fast.pin_memory))
 
     global_batch = plan.global_batch
     corrupt_by_lane: Dict[int, int] = {}
