@@ -159,3 +159,42 @@ def test_dry_run_shows_the_fast_path():
     assert "precision: bf16" in text
     if not torch.cuda.is_available():
         assert "train.compile: auto-off (no CUDA device)" in text and "scaling.use_gpu: true but" in text
+
+
+# ------------------------------------------------------------------ bad input: GPUs asked for, none here
+def test_use_gpu_without_cuda_fails_before_any_worker(monkeypatch, caplog):
+    import ray
+
+    from ssfer_dist.distributed import launch
+    from ssfer_dist.errors import UserError
+
+    cfg = _cfg("scaling.use_gpu=true")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^scaling.use_gpu: true, but this machine has no CUDA GPU"):
+        launch.check_gpus_local(cfg)
+    launch.check_gpus_local(_cfg())                            # CPU runs: nothing to check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"need 2 GPUs, this machine has 1"):
+        launch.check_gpus_local(cfg)
+    # run_stage checks before it starts Ray
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch, "ensure_ray", lambda cfg: pytest.fail("Ray started"))
+    with pytest.raises(UserError, match="scaling.use_gpu"):
+        launch.run_stage(cfg, plan=object())
+    # a CPU-only head driving a cluster: the cluster's resources decide; autoscaling may still add GPUs
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    launch.check_gpus_local(cfg)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with caplog.at_level("WARNING"):
+        launch.check_gpus_cluster(cfg)
+    assert "needs 2 GPUs, the Ray cluster has 0 now" in caplog.text
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    launch.check_gpus_cluster(cfg)
+    # an in-process local Ray without GPUs: an error
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(UserError, match="the Ray cluster has 0 now"):
+        launch.check_gpus_cluster(cfg)

@@ -217,6 +217,52 @@ def _storage_args(url: str) -> Dict[str, Any]:
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
 
+def gpus_needed(cfg: Config) -> float:
+    sc = cfg.scaling
+    return sc.num_workers * float(sc.gpus_per_worker or 1.0) if sc.use_gpu else 0.0
+
+
+def check_gpus_local(cfg: Config) -> None:
+    """``scaling.use_gpu`` on a local run (no ``RAY_ADDRESS``, no Ray started by the caller): this machine
+    must have the GPUs, else one clear error before any worker starts (Ray would wait for them forever).
+    A CPU-only head driving GPU workers of a cluster is fine: that is checked by :func:`check_gpus_cluster`."""
+    need = gpus_needed(cfg)
+    if not need or os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    if ray.is_initialized():
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise UserError("scaling.use_gpu: true, but this machine has no CUDA GPU (torch.cuda.is_available() is "
+                        "False) and no Ray cluster is given (RAY_ADDRESS); set scaling.use_gpu: false to train on "
+                        "the CPU, or submit the run to a GPU cluster")
+    if have < need:
+        raise UserError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers x {cfg.scaling.gpus_per_worker or 1.0:g} "
+                        f"GPU need {need:g} GPUs, this machine has {have}; lower scaling.num_workers")
+
+
+def check_gpus_cluster(cfg: Config) -> None:
+    """Connected to Ray: a cluster without any GPU fails fast unless it can still add GPU nodes.
+    An in-process local Ray (no ``RAY_ADDRESS``) must hold the GPUs now; a remote cluster may autoscale
+    GPU groups from zero nodes, so there it is a warning."""
+    need = gpus_needed(cfg)
+    if not need:
+        return
+    import ray
+
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have >= need:
+        return
+    msg = (f"scaling.use_gpu: the run needs {need:g} GPUs, the Ray cluster has {have:g} now")
+    if not os.environ.get("RAY_ADDRESS"):
+        raise UserError(msg + "; set scaling.use_gpu: false or start Ray with GPUs")
+    log.warning("%s: waiting for the autoscaler to add GPU nodes", msg)
+
+
 def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
     """Run one stage to its final step on Ray (resuming from the run's latest checkpoint if any)."""
     import ray.train
@@ -227,7 +273,9 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
     cfg = absolute_paths(cfg)          # configs built in code (from_dict) may hold relative paths
     if plan is None:
         plan = preflight(cfg)
+    check_gpus_local(cfg)
     ensure_ray(cfg)
+    check_gpus_cluster(cfg)
     sc = cfg.scaling
     res: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
     if sc.use_gpu:
@@ -268,6 +316,7 @@ def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False) 
         sys.stdout.write(dry_run_text(cfg, config_path))
         return 0
     plan = preflight(cfg)
+    check_gpus_local(cfg)
     result = run_stage(cfg, plan)
     print(json.dumps({"run": result.run_url, "export": result.export_path,
                       "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}},
