@@ -49,7 +49,10 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def build(stage_name: str, overrides=(), device=torch.device("cpu"), num_ranks: int = 1):
+CPU = torch.device("cpu")
+
+
+def build(stage_name: str, overrides=(), device=CPU, num_ranks: int = 1):
     """(task, trainable module, optimizer, config, plan) for a debug-config stage on ``device``."""
     cfg = load_config(str(ROOT / "configs" / CONFIG[stage_name]),
                       ["init.weights=null", f"scaling.num_workers={num_ranks}", *overrides])

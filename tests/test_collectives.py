@@ -68,7 +68,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         metrics, corrupt, it = DeviceMetrics(torch.device("cpu")), {}, batches(cfg, seed=1, rank=rank)
         logs, local = [], []
 
-        def reduce(t):
+        def reduce(t, local=local):
             local.append(t.tolist())           # this rank's [sums, counts] before the reduction
             return collectives.all_reduce_sum(t)
         for step in range(4):
