@@ -43,6 +43,12 @@ def test_compile_without_a_compiler_is_a_config_error(monkeypatch):
     assert "not found" in fastpath.compiler_problem("cpu")
     with pytest.raises(ConfigError, match=r"^train\.compile: true, but .*set train\.compile: false"):
         fastpath.resolve(_cfg("train.compile=true"), "cpu")
+    # a local run checks before any worker starts
+    from ssfer_dist.distributed import launch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match=r"^train\.compile"):
+        launch.check_fast_path_local(_cfg("train.compile=true"))
     # automatic: quietly off, with the reason
     monkeypatch.setattr(fastpath, "compiler_problem", lambda device: "triton is not installed")
     fp = fastpath.resolve(_cfg("train.compile=null"), "cuda")

@@ -245,6 +245,16 @@ def check_gpus_local(cfg: Config) -> None:
                         f"GPU need {need:g} GPUs, this machine has {have}; lower scaling.num_workers")
 
 
+def check_fast_path_local(cfg: Config) -> None:
+    """On a local run the workers share this machine: an explicit ``train.compile: true`` without a compiler
+    fails here, before any worker starts (on a cluster each worker checks its own machine)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from ssfer_dist.train import fastpath
+
+    fastpath.resolve(cfg, local_device(cfg))
+
+
 def check_gpus_cluster(cfg: Config) -> None:
     """Connected to Ray: a cluster without any GPU fails fast unless it can still add GPU nodes.
     An in-process local Ray (no ``RAY_ADDRESS``) must hold the GPUs now; a remote cluster may autoscale
@@ -274,6 +284,7 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
     if plan is None:
         plan = preflight(cfg)
     check_gpus_local(cfg)
+    check_fast_path_local(cfg)
     ensure_ray(cfg)
     check_gpus_cluster(cfg)
     sc = cfg.scaling
@@ -317,6 +328,7 @@ def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False) 
         return 0
     plan = preflight(cfg)
     check_gpus_local(cfg)
+    check_fast_path_local(cfg)
     result = run_stage(cfg, plan)
     print(json.dumps({"run": result.run_url, "export": result.export_path,
                       "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}},
