@@ -326,9 +326,9 @@ def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False) 
     if dry_run:
         sys.stdout.write(dry_run_text(cfg, config_path))
         return 0
-    plan = preflight(cfg)
-    check_gpus_local(cfg)
+    check_gpus_local(cfg)              # the machine first: nothing is read or written when it cannot run
     check_fast_path_local(cfg)
+    plan = preflight(cfg)
     result = run_stage(cfg, plan)
     print(json.dumps({"run": result.run_url, "export": result.export_path,
                       "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}},
