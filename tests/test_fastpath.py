@@ -204,3 +204,16 @@ def test_use_gpu_without_cuda_fails_before_any_worker(monkeypatch, caplog):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     with pytest.raises(UserError, match="the Ray cluster has 0 now"):
         launch.check_gpus_cluster(cfg)
+
+
+def test_every_gpu_config_trains_in_bf16():
+    gpu = []
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if "pipeline" in path.name:
+            continue
+        cfg = load_config(str(path))
+        if cfg.scaling.use_gpu:
+            gpu.append(path.name)
+            assert cfg.train.precision == "bf16", path.name
+            assert cfg.train.tf32 and cfg.optim.fused is None and cfg.data.pin_memory is None, path.name
+    assert len(gpu) >= 8
