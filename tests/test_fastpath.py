@@ -199,8 +199,8 @@ def test_use_gpu_without_cuda_fails_before_any_worker(monkeypatch, caplog):
     assert "needs 2 GPUs, the Ray cluster has 0 now" in caplog.text
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
     launch.check_gpus_cluster(cfg)
-    # an in-process local Ray without GPUs: an error
-    monkeypatch.delenv("RAY_ADDRESS")
+    # an in-process local Ray without GPUs (RAY_ADDRESS unset, or "local"): an error
+    monkeypatch.setenv("RAY_ADDRESS", "local")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     with pytest.raises(UserError, match="the Ray cluster has 0 now"):
         launch.check_gpus_cluster(cfg)

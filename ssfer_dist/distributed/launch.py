@@ -217,6 +217,11 @@ def _storage_args(url: str) -> Dict[str, Any]:
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
 
+def on_cluster() -> bool:
+    """``RAY_ADDRESS`` names a cluster (``local`` asks Ray for a new local instance: this machine)."""
+    return os.environ.get("RAY_ADDRESS", "") not in ("", "local")
+
+
 def gpus_needed(cfg: Config) -> float:
     sc = cfg.scaling
     return sc.num_workers * float(sc.gpus_per_worker or 1.0) if sc.use_gpu else 0.0
@@ -227,7 +232,7 @@ def check_gpus_local(cfg: Config) -> None:
     must have the GPUs, else one clear error before any worker starts (Ray would wait for them forever).
     A CPU-only head driving GPU workers of a cluster is fine: that is checked by :func:`check_gpus_cluster`."""
     need = gpus_needed(cfg)
-    if not need or os.environ.get("RAY_ADDRESS"):
+    if not need or on_cluster():
         return
     import ray
 
@@ -248,7 +253,7 @@ def check_gpus_local(cfg: Config) -> None:
 def check_fast_path_local(cfg: Config) -> None:
     """On a local run the workers share this machine: an explicit ``train.compile: true`` without a compiler
     fails here, before any worker starts (on a cluster each worker checks its own machine)."""
-    if os.environ.get("RAY_ADDRESS"):
+    if on_cluster():
         return
     from ssfer_dist.train import fastpath
 
@@ -268,7 +273,7 @@ def check_gpus_cluster(cfg: Config) -> None:
     if have >= need:
         return
     msg = (f"scaling.use_gpu: the run needs {need:g} GPUs, the Ray cluster has {have:g} now")
-    if not os.environ.get("RAY_ADDRESS"):
+    if not on_cluster():
         raise UserError(msg + "; set scaling.use_gpu: false or start Ray with GPUs")
     log.warning("%s: waiting for the autoscaler to add GPU nodes", msg)
 
