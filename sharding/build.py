@@ -35,6 +35,7 @@ from ssfer_dist import storage
 from ssfer_dist.data import manifest as mf
 from ssfer_dist.data.schema import REPORT_NAME
 from ssfer_dist.errors import UserError
+from ssfer_dist.worker_env import non_secret_env
 
 __all__ = ["BuildConfig", "run_build", "plan_shards"]
 
@@ -67,6 +68,7 @@ class BuildConfig:
     box_scale: float = 1.25
     max_pixels: int = 64 * 1024 * 1024
     ray: bool = False              # shard tasks on Ray (also when RAY_ADDRESS is set)
+    allow_outside: bool = False    # label-file paths / links may resolve outside --input
     progress: bool = True
 
 
@@ -216,7 +218,9 @@ class _WorkerPool:
 
 
 def _forward_env() -> Dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    """Non-secret ``AWS_*`` settings (endpoint, region); credentials come from the Ray nodes' own environment
+    (a local Ray inherits this process's; KubeRay pods read the ssfer-s3 Secret), never the runtime env."""
+    return non_secret_env([k for k in os.environ if k.startswith("AWS_")])
 
 
 def _run_ray(plans, wcfg, bar, on_result):
@@ -269,7 +273,8 @@ def _clean_stale_temps(output: str) -> None:
 def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
     """List, plan, resume-check and build the shards of ``cfg`` (see ``run_build``)."""
     listing = list_source(cfg.format, cfg.input, split=cfg.split, name=cfg.name, num_classes=cfg.num_classes,
-                          boxes=cfg.boxes, map_fn=pool.map if pool is not None else None)
+                          boxes=cfg.boxes, map_fn=pool.map if pool is not None else None,
+                          allow_outside=cfg.allow_outside)
     name = cfg.name or listing.dataset
     skipped_listing = list(listing.skipped)
     records = listing.records

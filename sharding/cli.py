@@ -66,6 +66,9 @@ def _add_build(sub) -> None:
                    help=f"skip images of more pixels (decompression-bomb guard; default {d('max_pixels')})")
     p.add_argument("--ray", action="store_true", default=None,
                    help="run shard tasks on Ray (also when RAY_ADDRESS is set)")
+    p.add_argument("--allow-outside", action="store_true", default=None,
+                   help="read files that label-file paths or links place outside --input (refused by default; "
+                        "refused ones are counted in report.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_cmd_build)
 
@@ -122,16 +125,25 @@ def _cmd_build(a) -> int:
     return 0
 
 
+def _add_member_cap(p) -> None:
+    from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES
+
+    p.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                   help="tar members larger than this are refused, never loaded "
+                        f"(default {DEFAULT_MAX_MEMBER_BYTES}; a stored face image is a few kB)")
+
+
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="re-read every shard: sha256, counts, images, keys, json")
     p.add_argument("url", help="shard folder (or its manifest.parquet)")
+    _add_member_cap(p)
     p.set_defaults(handler=_cmd_verify)
 
 
 def _cmd_verify(a) -> int:
     from sharding.verify import verify
 
-    problems, stats = verify(a.url)
+    problems, stats = verify(a.url, max_member_bytes=a.max_member_bytes)
     for pr in problems:
         print(pr)
     status = "FAILED" if problems else "OK"
@@ -145,13 +157,14 @@ def _add_inspect(sub) -> None:
     p.add_argument("url", help="shard folder (or its manifest.parquet)")
     p.add_argument("--sheet", default="contact_sheet.png", help="contact sheet PNG to write")
     p.add_argument("--num", type=int, default=64, help="samples on the sheet")
+    _add_member_cap(p)
     p.set_defaults(handler=_cmd_inspect)
 
 
 def _cmd_inspect(a) -> int:
     from sharding.inspection import inspect_shards
 
-    print(inspect_shards(a.url, sheet=a.sheet, num=a.num))
+    print(inspect_shards(a.url, sheet=a.sheet, num=a.num, max_member_bytes=a.max_member_bytes))
     return 0
 
 
@@ -163,6 +176,7 @@ def _add_split(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="writes OUTPUT/labeled and OUTPUT/unlabeled")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    _add_member_cap(p)
     p.set_defaults(handler=_cmd_split)
 
 
@@ -170,7 +184,7 @@ def _cmd_split(a) -> int:
     from sharding.split import split_shards
 
     res = split_shards(a.manifest, a.output, fraction=a.fraction, per_class=a.per_class, seed=a.seed,
-                       samples_per_shard=a.samples_per_shard)
+                       samples_per_shard=a.samples_per_shard, max_member_bytes=a.max_member_bytes)
     print(f"labeled: {res['labeled']} samples, unlabeled: {res['unlabeled']} samples -> {a.output}")
     return 0
 

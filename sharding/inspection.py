@@ -1,5 +1,7 @@
 """``ssfer-shard inspect``: a text summary of a shard folder and a contact sheet PNG (samples with
-their face boxes drawn, class name or identity underneath)."""
+their face boxes drawn, class name or identity underneath). A sample that does not decode (corrupt jpg,
+decompression bomb, bad json) gets a marked tile and is counted; refused tar members (unsafe names,
+links, members over the cap) are counted; neither stops the inspection."""
 from __future__ import annotations
 
 import io
@@ -12,7 +14,8 @@ from PIL import Image, ImageDraw
 from ssfer_dist import storage
 from ssfer_dist.data.manifest import read_manifest
 from ssfer_dist.data.schema import EXT_IMAGE, EXT_META, SampleMeta
-from ssfer_dist.data.tario import iter_tar_samples
+from ssfer_dist.data.safeimage import open_image
+from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
 
 __all__ = ["inspect_shards", "contact_sheet", "summary"]
 
@@ -34,31 +37,68 @@ def summary(m) -> str:
     return "\n".join(lines)
 
 
-def _collect(m, num: int) -> List[Tuple[Image.Image, SampleMeta]]:
-    out: List[Tuple[Image.Image, SampleMeta]] = []
+def _decode(key: str, s) -> Tuple[Optional[Image.Image], Optional[SampleMeta], str]:
+    """``(image, meta, "")`` or ``(None, meta or None, why)`` for a sample that does not decode."""
+    meta = None
+    try:
+        meta = SampleMeta.from_json(s[EXT_META]) if EXT_META in s else None
+        if EXT_IMAGE not in s:
+            return None, meta, "no jpg"
+        img = open_image(s[EXT_IMAGE])
+        img.load()
+        return img.convert("RGB"), meta, ("" if meta is not None else "no json")
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: any decode error marks the sample
+        log.warning("%s: does not decode (%s: %s)", key, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None, meta, type(e).__name__
+
+
+def _collect(m, num: int, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, stats: Optional[dict] = None):
+    """Up to ``num`` ``(image or None, meta or None, problem)`` tiles; counts in ``stats`` (``corrupt``,
+    ``refused``)."""
+    out: List[Tuple[Optional[Image.Image], Optional[SampleMeta], str]] = []
+    stats = {} if stats is None else stats
+    stats.setdefault("corrupt", 0)
+    stats.setdefault("refused", 0)
     for sh in m.shards:
+        refused: List[MemberProblem] = []
         with storage.open_read(sh.url) as f:
-            for _key, s in iter_tar_samples(f):
-                if EXT_IMAGE in s and EXT_META in s:
-                    img = Image.open(io.BytesIO(s[EXT_IMAGE])).convert("RGB")
-                    out.append((img, SampleMeta.from_json(s[EXT_META])))
+            for key, s in iter_tar_samples(f, max_member_bytes, refused):
+                img, meta, why = _decode(key, s)
+                if why:
+                    stats["corrupt"] += 1
+                out.append((img, meta, why))
                 if len(out) >= num:
-                    return out
+                    break
+        stats["refused"] += len(refused)
+        for p in refused:
+            log.warning("%s: refused %s", sh.url, p)
+        if len(out) >= num:
+            break
     return out
 
 
 def contact_sheet(samples, class_names: List[str], tile: int = 128) -> Image.Image:
-    """A grid image of ``(PIL image, SampleMeta)`` pairs with boxes (red; yellow for fallback boxes)."""
+    """A grid image of ``(PIL image, SampleMeta[, problem])`` tiles with boxes (red; yellow for fallback
+    boxes); a tile whose image is ``None`` is drawn as a crossed dark-red square labelled with the problem."""
     n = max(1, len(samples))
     cols = min(8, n)
     rows = math.ceil(n / cols)
     label_h = 14
     sheet = Image.new("RGB", (cols * tile, rows * (tile + label_h)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    for i, (img, meta) in enumerate(samples):
+    for i, (img, meta, *why) in enumerate(samples):
         x0, y0 = (i % cols) * tile, (i // cols) * (tile + label_h)
+        if img is None:
+            draw.rectangle([x0, y0, x0 + tile - 1, y0 + tile - 1], fill=(90, 0, 0), outline=(255, 0, 0), width=2)
+            draw.line([x0, y0, x0 + tile - 1, y0 + tile - 1], fill=(255, 0, 0), width=2)
+            draw.line([x0, y0 + tile - 1, x0 + tile - 1, y0], fill=(255, 0, 0), width=2)
+            draw.text((x0 + 2, y0 + tile + 1), f"CORRUPT {why[0] if why else ''}"[:20], fill=(255, 80, 80))
+            continue
         s = tile / max(img.size)
         sheet.paste(img.resize((round(img.size[0] * s), round(img.size[1] * s))), (x0, y0))
+        if meta is None:
+            draw.text((x0 + 2, y0 + tile + 1), "NO JSON", fill=(255, 80, 80))
+            continue
         b = [v * s for v in meta.box]
         color = (255, 220, 0) if meta.box_source == "fallback" else (255, 40, 40)
         draw.rectangle([x0 + b[0], y0 + b[1], x0 + b[2] - 1, y0 + b[3] - 1], outline=color, width=2)
@@ -70,15 +110,20 @@ def contact_sheet(samples, class_names: List[str], tile: int = 128) -> Image.Ima
     return sheet
 
 
-def inspect_shards(url: str, sheet: Optional[str] = "contact_sheet.png", num: int = 64) -> str:
+def inspect_shards(url: str, sheet: Optional[str] = "contact_sheet.png", num: int = 64,
+                   max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, stats: Optional[dict] = None) -> str:
     """Summary text of the shard folder ``url``; writes the contact sheet PNG to ``sheet`` (local path
-    or URL) unless ``None``."""
+    or URL) unless ``None``. ``stats`` (when given) receives the ``corrupt`` / ``refused`` counts."""
     m = read_manifest(url)
     text = summary(m)
     if sheet:
-        samples = _collect(m, num)
+        stats = {} if stats is None else stats
+        samples = _collect(m, num, max_member_bytes, stats)
         buf = io.BytesIO()
         contact_sheet(samples, m.class_names).save(buf, format="PNG")
         storage.put_bytes(sheet, buf.getvalue())
         text += f"\n  contact sheet: {sheet} ({len(samples)} samples)"
+        if stats["corrupt"] or stats["refused"]:
+            text += (f"\n  problems: {stats['corrupt']} sample(s) on the sheet do not decode (marked CORRUPT), "
+                     f"{stats['refused']} tar member(s) refused; run `ssfer-shard verify {m.url}`")
     return text

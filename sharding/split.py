@@ -18,7 +18,7 @@ from sharding.writer import open_tar_writer, publish, tmp_path_for
 from ssfer_dist import storage
 from ssfer_dist.data.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
 from ssfer_dist.data.schema import EXT_CLASS, decode_cls
-from ssfer_dist.data.tario import iter_tar_samples
+from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
 from ssfer_dist.errors import UserError
 
 __all__ = ["split_shards", "choose_labeled"]
@@ -70,6 +70,15 @@ class _RollingWriter:
         if len(self._keys) >= self.per_shard:
             self.finish()
 
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file); published shards stay."""
+        if self._w is None:
+            return
+        self._f.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+        self._w = None
+
     def finish(self) -> None:
         if self._w is None:
             return
@@ -91,8 +100,10 @@ class _RollingWriter:
 
 
 def split_shards(src: str, out: str, *, fraction: float, per_class: bool, seed: int,
-                 samples_per_shard: int = 1000) -> Dict[str, Any]:
-    """Split the shard folder ``src`` into ``out/labeled`` and ``out/unlabeled``; returns the counts."""
+                 samples_per_shard: int = 1000, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Dict[str, Any]:
+    """Split the shard folder ``src`` into ``out/labeled`` and ``out/unlabeled``; returns the counts.
+    Refused members (unsafe names, links, members over ``max_member_bytes``) are never copied: their samples
+    are skipped, and the split ends with a ``UserError`` before any manifest is written."""
     if not 0.0 < fraction < 1.0:
         raise UserError(f"--fraction {fraction}: must be between 0 and 1 (exclusive)")
     if samples_per_shard < 1:
@@ -107,10 +118,19 @@ def split_shards(src: str, out: str, *, fraction: float, per_class: bool, seed: 
     storage.check_writable(out)
     folders = {"labeled": storage.join(out, "labeled"), "unlabeled": storage.join(out, "unlabeled")}
     writers = {r: _RollingWriter(f, m.dataset or "shard", samples_per_shard, m.num_classes) for r, f in folders.items()}
+    refused: List[MemberProblem] = []
+    bad_shard = ""
     for sh in m.shards:
         with storage.open_read(sh.url) as f:
-            for key, sample in iter_tar_samples(f):
+            for key, sample in iter_tar_samples(f, max_member_bytes, refused):
                 writers["labeled" if key in labeled else "unlabeled"].write(key, sample)
+        if refused and not bad_shard:
+            bad_shard = sh.url
+    if refused:
+        for w in writers.values():
+            w.abort()
+        raise UserError(f"{bad_shard}: {len(refused)} refused tar member(s), first {refused[0]}; their samples "
+                        f"were not copied and no manifest was written (run `ssfer-shard verify {m.url}`)")
     counts: Dict[str, Any] = {}
     for role, w in writers.items():
         w.finish()

@@ -13,12 +13,11 @@ import logging
 import tarfile
 from typing import Any, Dict, List, Tuple
 
-from PIL import Image
-
 from ssfer_dist import storage
 from ssfer_dist.data.manifest import class_hist_of, read_manifest
+from ssfer_dist.data.safeimage import open_image
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, SampleMeta, decode_cls
-from ssfer_dist.data.tario import iter_tar_samples
+from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
 
 __all__ = ["verify"]
 
@@ -61,11 +60,12 @@ def _check_sample(key: str, s: Dict[str, bytes], num_classes: int, size: int) ->
         probs.append("no jpg member")
     else:
         try:
-            img = Image.open(io.BytesIO(s[EXT_IMAGE]))
-            img.load()
+            img = open_image(s[EXT_IMAGE])          # header checked before any pixel is decoded
             if img.format != "JPEG" or img.mode != "RGB" or img.size != (size, size):
                 probs.append(f"jpg is {img.format} {img.mode} {img.size[0]}x{img.size[1]}, "
                              f"expected JPEG RGB {size}x{size}")
+            else:
+                img.load()
         except Exception as e:
             probs.append(f"jpg does not decode ({type(e).__name__}: {e})")
     if num_classes > 0:
@@ -95,8 +95,10 @@ def _check_sample(key: str, s: Dict[str, bytes], num_classes: int, size: int) ->
     return probs, cls
 
 
-def verify(url: str) -> Tuple[List[str], Dict[str, Any]]:
-    """Verify the shard folder ``url``; returns ``(problems, stats)`` (problems empty when all is well)."""
+def verify(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Tuple[List[str], Dict[str, Any]]:
+    """Verify the shard folder ``url``; returns ``(problems, stats)`` (problems empty when all is well).
+    Unsafe members (``../`` or absolute names, links, devices) and members over ``max_member_bytes`` are
+    problems; they are never loaded."""
     m = read_manifest(url)
     problems: List[str] = []
     seen: Dict[str, str] = {}
@@ -111,8 +113,9 @@ def verify(url: str) -> Tuple[List[str], Dict[str, Any]]:
         reader = _HashingReader(stream)
         keys: List[str] = []
         classes: List[int] = []
+        refused: List[MemberProblem] = []
         try:
-            for key, sample in iter_tar_samples(io.BufferedReader(reader, 1 << 20)):
+            for key, sample in iter_tar_samples(io.BufferedReader(reader, 1 << 20), max_member_bytes, refused):
                 keys.append(key)
                 if key in seen:
                     problems.append(f"{where}: {key}: duplicate key (also in {seen[key]})")
@@ -122,6 +125,7 @@ def verify(url: str) -> Tuple[List[str], Dict[str, Any]]:
                 problems.extend(f"{where}: {key}: {p}" for p in probs)
         except (tarfile.TarError, OSError, EOFError) as e:
             problems.append(f"{where}: tar does not parse ({type(e).__name__}: {e})")
+        problems.extend(f"{where}: {p}" for p in refused)
         reader.drain()
         stream.close()
         total += len(keys)

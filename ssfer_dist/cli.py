@@ -53,13 +53,16 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", default=None, help="folder for metrics.json and confusion PNG/JSON")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--ray", action="store_true", help="evaluate as a Ray job (large sets)")
+    p.add_argument("--max-member-bytes", type=int, default=64 * 1024 * 1024,
+                   help="tar members larger than this are refused (counted corrupt), never loaded (default 64 MiB)")
     p.set_defaults(handler=_cmd_evaluate)
 
 
 def _cmd_evaluate(a) -> int:
     from ssfer_dist.evaluate import evaluate_cli
 
-    return evaluate_cli(weights=a.weights, shards=a.shards, out=a.out, batch_size=a.batch_size, use_ray=a.ray)
+    return evaluate_cli(weights=a.weights, shards=a.shards, out=a.out, batch_size=a.batch_size, use_ray=a.ray,
+                        max_member_bytes=a.max_member_bytes)
 
 
 def _add_predict(sub) -> None:

@@ -97,6 +97,7 @@ class DataCfg:
     draft_decode: bool = True         # PIL Image.draft reduced-size JPEG decode when upsampling is not needed
     steps_per_epoch: Optional[int] = None   # default: manifest samples // global batch
     pin_memory: Optional[bool] = None # pinned batches, asynchronous copies to the GPU (null: on with CUDA)
+    max_member_bytes: int = 64 * 1024 * 1024   # tar members over this are refused (counted corrupt), never loaded
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,8 @@ def _check(cfg: Config, source: str) -> None:
         err("train.grad_clip", f"expected > 0 or null, got {cfg.train.grad_clip}")
     if cfg.checkpoint.every_steps < 0:
         err("checkpoint.every_steps", f"expected >= 0, got {cfg.checkpoint.every_steps}")
+    if cfg.data.max_member_bytes < 1:
+        err("data.max_member_bytes", f"expected >= 1, got {cfg.data.max_member_bytes}")
     if cfg.checkpoint.num_to_keep < 1:
         err("checkpoint.num_to_keep", f"expected >= 1, got {cfg.checkpoint.num_to_keep}")
     if cfg.failure.max_failures < -1:

@@ -12,7 +12,6 @@ macro-F1 = mean F1, both over the classes present in the ground truth.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -20,7 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ssfer_dist.data.tario import iter_url_samples
+from ssfer_dist.data.safeimage import open_image
+from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_url_samples
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ def _load_model(weights: str):
     return model, meta
 
 
-def _shard_confusion(shard_url: str, weights_blob: bytes, num_classes: int, batch_size: int) -> Tuple[np.ndarray, int]:
+def _shard_confusion(shard_url: str, weights_blob: bytes, num_classes: int, batch_size: int,
+                     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Tuple[np.ndarray, int]:
     """Confusion matrix of one shard (runs in the driver or in a Ray task); returns (conf, corrupt)."""
     import tempfile
 
@@ -131,12 +132,12 @@ def _shard_confusion(shard_url: str, weights_blob: bytes, num_classes: int, batc
         model, meta = _load_model(path)
     finally:
         os.remove(path)
-    return _confusion_with(model, meta, shard_url, num_classes, batch_size)
+    return _confusion_with(model, meta, shard_url, num_classes, batch_size, max_member_bytes)
 
 
-def _confusion_with(model, meta, shard_url: str, num_classes: int, batch_size: int) -> Tuple[np.ndarray, int]:
+def _confusion_with(model, meta, shard_url: str, num_classes: int, batch_size: int,
+                    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Tuple[np.ndarray, int]:
     import torch
-    from PIL import Image
 
     from ssfer_dist.data.schema import decode_cls
     from ssfer_dist.data.transforms import build_transform, normalize_on_device
@@ -158,10 +159,11 @@ def _confusion_with(model, meta, shard_url: str, num_classes: int, batch_size: i
         xs.clear()
         ys.clear()
 
-    for key, s in iter_url_samples(shard_url):
+    refused: List[MemberProblem] = []
+    for key, s in iter_url_samples(shard_url, max_member_bytes, refused):
         try:
             y = decode_cls(s["cls"])
-            img = Image.open(io.BytesIO(s["jpg"]))
+            img = open_image(s["jpg"])          # header size checked before decoding (bombs)
             img.load()
             x, _ = tf(img.convert("RGB"), None)
         except Exception as e:  # corrupt samples are counted, not fatal
@@ -176,10 +178,13 @@ def _confusion_with(model, meta, shard_url: str, num_classes: int, batch_size: i
         if len(xs) >= batch_size:
             flush()
     flush()
-    return conf, corrupt
+    for p in refused:
+        log.warning("%s: refused %s", shard_url, p)
+    return conf, corrupt + len(refused)
 
 
-def evaluate_shards(weights: str, shards: str, batch_size: int = 128, use_ray: bool = False) -> Dict[str, Any]:
+def evaluate_shards(weights: str, shards: str, batch_size: int = 128, use_ray: bool = False,
+                    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Dict[str, Any]:
     """Evaluate classifier ``weights`` on the labeled shard folder ``shards`` -> metrics dict
     (see :func:`confusion_metrics`, plus ``weights``, ``shards``, ``num_corrupt``)."""
     import torch
@@ -208,18 +213,21 @@ def evaluate_shards(weights: str, shards: str, batch_size: int = 128, use_ray: b
         with open(blob_path, "rb") as f:
             blob = ray.put(f.read())
         task = ray.remote(num_cpus=1)(_shard_confusion)
-        for c, k in ray.get([task.remote(u, blob, nc, batch_size) for u in urls]):
+        for c, k in ray.get([task.remote(u, blob, nc, batch_size, max_member_bytes) for u in urls]):
             conf += c
             corrupt += k
     else:
         torch.set_grad_enabled(False)
         try:
             for u in urls:
-                c, k = _confusion_with(model, meta, u, nc, batch_size)
+                c, k = _confusion_with(model, meta, u, nc, batch_size, max_member_bytes)
                 conf += c
                 corrupt += k
         finally:
             torch.set_grad_enabled(True)
+    if int(conf.sum()) == 0:
+        raise UserError(f"{shards}: no sample could be evaluated ({corrupt} corrupt or refused, "
+                        f"manifest lists {man.num_samples}); run `ssfer-shard verify {shards}`")
     m = confusion_metrics(conf, names)
     m.update(weights=str(weights), shards=str(shards), num_corrupt=corrupt)
     if corrupt:
@@ -243,9 +251,9 @@ def write_outputs(m: Dict[str, Any], out: str, title: str = "") -> Dict[str, str
 
 
 def evaluate_cli(weights: str, shards: str, out: Optional[str] = None, batch_size: int = 128,
-                 use_ray: bool = False) -> int:
+                 use_ray: bool = False, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> int:
     """``ssfer evaluate``: print the table; write the files into ``out`` when given."""
-    m = evaluate_shards(weights, shards, batch_size=batch_size, use_ray=use_ray)
+    m = evaluate_shards(weights, shards, batch_size=batch_size, use_ray=use_ray, max_member_bytes=max_member_bytes)
     print(format_table(m))
     if m["num_corrupt"]:
         print(f"({m['num_corrupt']} corrupt samples skipped)")

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ssfer_dist.data.safeimage import open_image
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Predictor", "list_inputs", "predict_cli", "crop_square"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+PHOTO_MAX_PIXELS = 64 * 1024 * 1024   # photos given to `ssfer predict` (header checked before decoding)
 
 
 def list_inputs(inputs: Sequence[str]) -> List[str]:
@@ -145,7 +148,10 @@ def predict_cli(weights: str, inputs: Sequence[str], as_json: bool = False, anno
 
     for path in files:
         try:
-            with Image.open(path) as im:
+            with open(path, "rb") as f:
+                data = f.read()
+            # a photo may be large (64 Mpx like `ssfer-shard build --max-pixels`), a bomb header is refused
+            with open_image(data, max_pixels=PHOTO_MAX_PIXELS) as im:
                 im.load()
                 img = im.convert("RGB")
         except FileNotFoundError:

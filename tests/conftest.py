@@ -1,7 +1,9 @@
 """Shared fixtures: a real S3 server (SeaweedFS ``weed mini``), a small local Ray, DeepSpeed env."""
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -11,8 +13,13 @@ import time
 
 import pytest
 
+# The server this session starts knows two identities: a fixed one, with which any other test session that
+# finds the server on the port reuses it, and this session's own, whose secret is unique so a test can
+# search everything Ray and a run wrote for it (tests/test_secrets.py).
 S3_ACCESS_KEY = "ssfer-test-key"
 S3_SECRET_KEY = "ssfer-test-secret"
+S3_SESSION_ACCESS_KEY = "ssfer-session-key"
+S3_SESSION_SECRET_KEY = "ssfer-session-secret-" + secrets.token_hex(12)
 S3_PORT = 8333
 
 # DeepSpeed on CPU everywhere in the test session; compiled ops cached across runs.
@@ -74,11 +81,20 @@ def s3_server():
                 os.environ[k] = v
         return
     data_dir = tempfile.mkdtemp(prefix="ssfer-weed-")
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+    actions = ["Admin", "Read", "List", "Tagging", "Write"]
+    s3_config = os.path.join(data_dir, "s3.json")
+    with open(os.open(s3_config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        json.dump({"identities": [
+            {"name": "shared", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+             "actions": actions},
+            {"name": "session", "actions": actions,
+             "credentials": [{"accessKey": S3_SESSION_ACCESS_KEY, "secretKey": S3_SESSION_SECRET_KEY}]}]}, f)
+    client_env.update(AWS_ACCESS_KEY_ID=S3_SESSION_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SESSION_SECRET_KEY)
     log = open(os.path.join(data_dir, "weed.log"), "wb")
     proc = subprocess.Popen(
-        [_weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [_weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
+         f"-s3.config={s3_config}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     saved = {k: os.environ.get(k) for k in client_env}
     os.environ.update(client_env)
@@ -132,8 +148,11 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A small local Ray instance shared by the session (2 CPUs, no dashboard)."""
+def ray_local(s3_server):
+    """A small local Ray instance shared by the session (2 CPUs, no dashboard).
+
+    Started after the S3 server's credentials are in ``os.environ``: like a user's local run, the workers
+    inherit them from the driver (the launcher never sends credentials through Ray)."""
     import ray
 
     if not ray.is_initialized():

@@ -41,7 +41,21 @@ def _metrics(run_url, name="metrics.jsonl"):
     return [json.loads(x) for x in storage.get_bytes(storage.join(run_url, name)).decode().splitlines() if x.strip()]
 
 
-def test_mae_zero2_on_s3_loss_falls(ray_local, shards, s3_bucket):
+@pytest.fixture
+def launcher_ray(s3_server, monkeypatch):
+    """No Ray running: the launcher starts its own (``ensure_ray``: dashboard, runtime env), as ``ssfer run``
+    does, so what it sends through Ray is what a user's run sends. Shut down afterwards; later tests that
+    need Ray start it again (``ray_local`` users go through ``ensure_ray`` or ``ray.init`` themselves)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_mae_zero2_on_s3_loss_falls(launcher_ray, shards, s3_bucket):
     from ssfer_dist.distributed.launch import run_stage
 
     cfg = _cfg("mae-z2", shards, f"{s3_bucket}/runs", ["train.zero_stage=2", "train.log_every=5"])
@@ -66,6 +80,9 @@ def test_mae_zero2_on_s3_loss_falls(ray_local, shards, s3_bucket):
     assert meta["kind"] == "mae" and meta["arch"]["size"] == "micro" and "decoder_pred.weight" in sd
     model, _ = classifier_from_weights(local, num_classes=7)
     assert model.head.out_features == 7
+    # the workers wrote to S3 with credentials inherited from the driver; the secret is nowhere Ray or the run
+    # keeps things (issue 14)
+    _assert_secret_nowhere(os.environ["AWS_SECRET_ACCESS_KEY"], s3_bucket)
 
 
 def test_mae_zero3_survives_a_killed_worker(ray_local, shards, tmp_path):
@@ -217,3 +234,60 @@ def test_bad_inputs_fail_before_any_worker(shards, tmp_path, s3_server, monkeypa
         preflight(load_config(os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"),
                               [f"data.shards={shards['fr']}", "run.storage=s3://ssfer-nope/runs"]))
     assert not runs.exists()                                   # nothing was started or written
+
+
+# ------------------------------------------------------------------------------------- secrets (issue 14)
+
+
+def _ray_places(ray) -> dict:
+    """Everything the local Ray keeps or serves: each file under its session dir, the state API (actors, jobs,
+    workers, tasks, placement groups, with detail) and the dashboard's own actor/job/node endpoints."""
+    import urllib.request
+
+    from ray.util import state
+
+    places = {}
+    session = ray._private.worker._global_node.get_session_dir_path()
+    for root, _, names in os.walk(session):
+        for n in names:
+            p = os.path.join(root, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                try:
+                    with open(p, "rb") as f:
+                        places[p] = f.read()
+                except OSError:
+                    pass
+    url = ray._private.worker.get_dashboard_url()      # this session's Ray (others may run on the machine)
+    for fn in (state.list_actors, state.list_jobs, state.list_workers, state.list_tasks,
+               state.list_placement_groups, state.list_nodes):
+        got = fn(address=f"http://{url}", detail=True, limit=10000, raise_on_missing_output=False)
+        places[f"state.{fn.__name__}"] = repr(got).encode()
+    for path in ("/logical/actors", "/api/jobs/", "/nodes?view=summary", "/api/v0/tasks?detail=1"):
+        with urllib.request.urlopen(f"http://{url}{path}", timeout=30) as r:
+            places[f"dashboard{path}"] = r.read()
+    places["gcs.job_table"] = repr(ray._private.state.state.job_table()).encode()
+    return places
+
+
+def _assert_secret_nowhere(secret: str, bucket_url: str) -> None:
+    import secrets as _secrets
+
+    import ray
+
+    # Positive control: a value sent the way the launcher used to send credentials (a task's runtime env) is
+    # found by the same search, so a leak could not hide from it.
+    canary = "ssfer-canary-" + _secrets.token_hex(8)
+
+    @ray.remote(num_cpus=0)
+    def read_env():
+        return os.environ.get("SSFER_CANARY")
+
+    assert ray.get(read_env.options(runtime_env={"env_vars": {"SSFER_CANARY": canary}}).remote(),
+                   timeout=300) == canary
+    places = _ray_places(ray)
+    for k in storage.list_files(bucket_url):
+        places[f"{bucket_url}/{k}"] = storage.get_bytes(f"{bucket_url}/{k}")
+    assert any(canary.encode() in v for v in places.values()), "the search does not see runtime envs"
+    leaks = [k for k, v in places.items() if secret.encode() in v]
+    assert not leaks, f"the S3 secret is in: {leaks}"
+    assert len(places) > 20 and any(k.endswith("runtime_env_agent.log") for k in places), sorted(places)[:50]

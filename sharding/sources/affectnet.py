@@ -8,6 +8,7 @@ import os
 from typing import List, Optional
 
 from sharding.sources.base import FaceRecord, Listing, Skipped
+from sharding.sources.confine import InputRoot
 from ssfer_dist.data.schema import AFFECTNET_TO_CANONICAL, make_key
 from ssfer_dist.errors import UserError
 
@@ -17,7 +18,8 @@ REQUIRED_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "
 _FILES = {"train": "training.csv", "test": "validation.csv"}
 
 
-def list_affectnet(root: str, *, split: str, name: Optional[str] = None, num_classes: int = 7) -> Listing:
+def list_affectnet(root: str, *, split: str, name: Optional[str] = None, num_classes: int = 7,
+                   allow_outside: bool = False) -> Listing:
     """List AffectNet samples (``split`` train | test | all) under the 7- or 8-class protocol."""
     if num_classes not in (7, 8):
         raise UserError(f"--num-classes {num_classes}: AffectNet protocols are 7 or 8 classes")
@@ -27,6 +29,7 @@ def list_affectnet(root: str, *, split: str, name: Optional[str] = None, num_cla
     lists = os.path.join(root, "Manually_Annotated_file_lists")
     img_root = os.path.join(root, "Manually_Annotated_Images")
     splits = ["train", "test"] if split == "all" else [split]
+    confine = InputRoot(root, allow_outside)
     records: List[FaceRecord] = []
     skipped: List[Skipped] = []
     for sp in splits:
@@ -61,6 +64,10 @@ def list_affectnet(root: str, *, split: str, name: Optional[str] = None, num_cla
                     skipped.append(Skipped("unknown_class", where, f"expression {expr} not in 0-10"))
                     continue
                 img = os.path.join(img_root, rel)
+                refused = confine.check_named(rel, img) if rel else None
+                if refused:
+                    skipped.append(Skipped(refused[0], where, refused[1]))
+                    continue
                 if not rel or not os.path.exists(img):
                     skipped.append(Skipped("missing_image", where, img))
                     continue

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from sharding.sources.base import CompactRecords, FaceRecord, Listing, Skipped
+from sharding.sources.confine import InputRoot
 from ssfer_dist.data.schema import make_keys
 from ssfer_dist.errors import UserError
 
@@ -108,10 +109,12 @@ class FileSlice(CompactRecords):
         return out + (self.boxes.tobytes() if self.boxes is not None else b"")
 
 
-def _scan(dirs: List[str], cut: int, root: str, descend: bool = True):
+def _scan(dirs: List[str], cut: int, root: str, descend: bool = True, confine: Optional[InputRoot] = None):
     """Depth-first, name-sorted listing of the folders ``dirs`` (in that order): ``(rels, sizes, skipped,
     subdirs)``, paths relative to the input folder (``cut`` characters of prefix). With
-    ``descend=False`` only the files directly in ``dirs`` are listed and their sub-folders returned."""
+    ``descend=False`` only the files directly in ``dirs`` are listed and their sub-folders returned.
+    Hidden entries (``.x``, ``..jpg``) are skipped and reported; links must point inside ``confine``'s
+    folder (else ``outside_input``), a folder link is followed once (again: ``symlink_loop``)."""
     rels: List[str] = []
     sizes: List[int] = []
     skipped: List[Skipped] = []
@@ -119,6 +122,7 @@ def _scan(dirs: List[str], cut: int, root: str, descend: bool = True):
     slash_sep = os.sep == "/"
     exts = IMAGE_EXTS
     stack = list(reversed(dirs))
+    followed = {os.path.realpath(root)}  # real paths of the folder links followed (and the input itself)
     while stack:  # depth-first, sorted: a stable listing order without os.walk's per-file overhead
         d = stack.pop()
         try:
@@ -129,7 +133,21 @@ def _scan(dirs: List[str], cut: int, root: str, descend: bool = True):
         for ent in entries:
             fn = ent.name
             if fn[0] == ".":
+                kind = "folder" if ent.is_dir(follow_symlinks=False) else "file"
+                skipped.append(Skipped("hidden_file", ent.path, f"hidden {kind} (name starts with '.')"))
                 continue
+            if ent.is_symlink():
+                refused = confine.check_link(ent.path) if confine is not None else None
+                if refused:
+                    skipped.append(Skipped(refused[0], ent.path, refused[1]))
+                    continue
+                if ent.is_dir():
+                    real = os.path.realpath(ent.path)
+                    here = os.path.realpath(d)
+                    if real in followed or here == real or here.startswith(os.path.join(real, "")):
+                        skipped.append(Skipped("symlink_loop", ent.path, f"link to {real}, already listed"))
+                        continue
+                    followed.add(real)
             if ent.is_dir():
                 if not (d == root and fn == "bb_landmark"):
                     subdirs.append(ent.path)
@@ -153,11 +171,12 @@ def _scan(dirs: List[str], cut: int, root: str, descend: bool = True):
 
 
 def _scan_chunk(args):
-    return _scan(*args)[:3]
+    dirs, cut, root, confine = args
+    return _scan(dirs, cut, root, confine=confine)[:3]
 
 
 def list_image_folder(root: str, *, name: Optional[str] = None, boxes: Optional[str] = None,
-                      map_fn: Optional[Callable] = None) -> Listing:
+                      map_fn: Optional[Callable] = None, allow_outside: bool = False) -> Listing:
     """List every image under ``root`` (recursively), sorted and unique by key, as a :class:`FileSlice`.
     Files with non-image extensions are skipped and counted (``not_an_image_file``); a second file
     with the same key (``a.jpg`` and ``a.png``) is skipped as ``duplicate_key``.
@@ -170,13 +189,14 @@ def list_image_folder(root: str, *, name: Optional[str] = None, boxes: Optional[
     box_file = boxes or _find_boxes(root)
     box_map = read_loose_bb(box_file) if box_file else {}
     cut = len(os.path.join(root, ""))
-    rels, sizes, skipped, subdirs = _scan([root], cut, root, descend=False)
+    confine = InputRoot(root, allow_outside)
+    rels, sizes, skipped, subdirs = _scan([root], cut, root, descend=False, confine=confine)
     if map_fn is not None and len(subdirs) >= 2:
         n = min(len(subdirs), 16)
         chunks = [subdirs[i * len(subdirs) // n:(i + 1) * len(subdirs) // n] for i in range(n)]
-        parts = map_fn(_scan_chunk, [(c, cut, root) for c in chunks])
+        parts = map_fn(_scan_chunk, [(c, cut, root, confine) for c in chunks])
     else:
-        parts = [_scan(subdirs, cut, root)[:3]] if subdirs else []
+        parts = [_scan(subdirs, cut, root, confine=confine)[:3]] if subdirs else []
     for r, sz, sk in parts:
         rels += r
         sizes += sz

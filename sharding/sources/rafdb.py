@@ -8,6 +8,7 @@ import os
 from typing import List, Optional
 
 from sharding.sources.base import FaceRecord, Listing, Skipped
+from sharding.sources.confine import InputRoot
 from ssfer_dist.data.schema import RAFDB_TO_CANONICAL, make_key
 from ssfer_dist.errors import UserError
 
@@ -16,7 +17,7 @@ __all__ = ["list_rafdb", "LABEL_FILE"]
 LABEL_FILE = os.path.join("EmoLabel", "list_patition_label.txt")
 
 
-def list_rafdb(root: str, *, split: str, name: Optional[str] = None) -> Listing:
+def list_rafdb(root: str, *, split: str, name: Optional[str] = None, allow_outside: bool = False) -> Listing:
     """List RAF-DB basic samples of ``split`` (train | test | all) with canonical classes."""
     if split not in ("train", "test", "all"):
         raise UserError(f"--split {split}: RAF-DB has train and test (or all)")
@@ -26,6 +27,7 @@ def list_rafdb(root: str, *, split: str, name: Optional[str] = None) -> Listing:
         raise UserError(f"{label_file}: RAF-DB label file missing "
                         "(expected EmoLabel/list_patition_label.txt under --input)")
     img_dir = os.path.join(root, "Image", "aligned")
+    confine = InputRoot(root, allow_outside)
     records: List[FaceRecord] = []
     skipped: List[Skipped] = []
     with open(label_file, encoding="utf-8", errors="replace") as f:
@@ -51,6 +53,10 @@ def list_rafdb(root: str, *, split: str, name: Optional[str] = None) -> Listing:
                 skipped.append(Skipped("unknown_class", where, f"label {label} not in 1-7"))
                 continue
             path = os.path.join(img_dir, f"{stem}_aligned.jpg")
+            refused = confine.check_named(fname, path)
+            if refused:
+                skipped.append(Skipped(refused[0], where, refused[1]))
+                continue
             if not os.path.exists(path):
                 skipped.append(Skipped("missing_image", where, path))
                 continue

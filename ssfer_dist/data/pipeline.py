@@ -16,7 +16,6 @@ carries its lane's running count in ``"__corrupt__"`` so the loop can report it.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import random
@@ -29,7 +28,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ssfer_dist.data.safeimage import open_image
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META
+from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -114,13 +115,44 @@ class _Counter:
         return True
 
 
+def guarded_tarfile_to_samples(handler, max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES):
+    """``webdataset.tarfile_to_samples`` with every member checked first (``data/tario.py``): a member with an
+    absolute or ``..`` name, a link / non-regular member, or one over ``max_member_bytes`` is never read;
+    it is reported to ``handler`` (counted corrupt) and its whole sample dropped (webdataset's ``__bad__``
+    marker). webdataset's URL opener and key grouping are kept, so the samples are the same otherwise."""
+    from webdataset.tariterators import group_by_keys, url_opener
+
+    def members(sources):
+        for source in sources:
+            url = source["url"]
+            try:
+                for name, data in iter_tar_members(source["stream"], max_member_bytes,
+                                                   lambda p, url=url: handler(CorruptMember(f"{url}: {p}"))):
+                    if data is None:
+                        yield {"fname": split_member_name(name)[0] + ".__bad__", "data": True, "__url__": url}
+                    else:
+                        yield {"fname": name, "data": data, "__url__": url}
+                yield {}     # end of shard: samples never span shards
+            except Exception as exn:  # noqa: BLE001 - a torn tar is a corrupt shard, counted like webdataset does
+                exn.args = exn.args + (url,)
+                if not handler(exn):
+                    break
+
+    def expand(src):
+        return group_by_keys(members(url_opener(src, handler=handler)), handler=handler)
+
+    return expand
+
+
+class CorruptMember(ValueError):
+    """A refused tar member (see :func:`guarded_tarfile_to_samples`)."""
+
+
 def decode_image(data: bytes, draft_size: Optional[int] = None):
     """JPEG bytes → (PIL RGB image, scale). With ``draft_size`` the JPEG decoder may downscale by 2/4/8
     on the fly (PIL ``Image.draft``) while the result stays ≥ ``draft_size``; ``scale`` is the factor
     applied to the stored image's pixel frame (1.0 without draft)."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)      # refuses a header claiming a huge frame before any pixel is decoded
     w0 = img.size[0]
     if draft_size:
         img.draft("RGB", (draft_size, draft_size))
@@ -133,11 +165,12 @@ def _resampled(urls: List[str], rng: random.Random) -> Iterator[Dict[str, str]]:
         yield {"url": urls[rng.randrange(len(urls))]}
 
 
-def _indexed_samples(shards: Iterator[Dict[str, str]], offsets: Dict[str, int], handler) -> Iterator[Dict[str, Any]]:
+def _indexed_samples(shards: Iterator[Dict[str, str]], offsets: Dict[str, int], handler,
+                     max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[Dict[str, Any]]:
     """``tarfile_to_samples`` one shard at a time, each sample tagged ``__sid__`` = the shard's offset +
     its position in the tar (a corrupt member that loses a whole sample shifts the rest of that shard
     by one: the ids stay in range and stable)."""
-    expand = wds.tarfile_to_samples(handler=handler)
+    expand = guarded_tarfile_to_samples(handler, max_member_bytes)
     for src in shards:
         base = offsets[src["url"]]
         for i, sample in enumerate(expand(iter([src]))):
@@ -170,7 +203,8 @@ class ShardStream(IterableDataset):
     def __init__(self, specs: Sequence[StreamSpec], *, img_size: int, rank: int, world_size: int,
                  batches_per_epoch: int, seed: int, shuffle_buffer: int = 1000, uint8: bool = True,
                  draft: bool = False, start_batch: int = 0, num_lanes: int = 1,
-                 transform_factory: Optional[Callable[[str, int, bool], Callable]] = None) -> None:
+                 transform_factory: Optional[Callable[[str, int, bool], Callable]] = None,
+                 max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES) -> None:
         super().__init__()
         self.specs = tuple(specs)
         self.img_size = img_size
@@ -184,6 +218,7 @@ class ShardStream(IterableDataset):
         self.start_batch = int(start_batch)
         self.num_lanes = max(1, int(num_lanes))
         self.transform_factory = transform_factory
+        self.max_member_bytes = max_member_bytes
 
     # ------------------------------------------------------------------ per-sample work
 
@@ -229,9 +264,10 @@ class ShardStream(IterableDataset):
             urls = split_urls(src.urls, self.rank, self.world_size, lane, self.num_lanes)
             srng = random.Random(rng.getrandbits(63) + si)
             if src.offsets:  # tar members → samples, each with its stable id
-                expand = partial(_indexed_samples, offsets=dict(zip(src.urls, src.offsets)), handler=counter)
+                expand = partial(_indexed_samples, offsets=dict(zip(src.urls, src.offsets)), handler=counter,
+                                 max_member_bytes=self.max_member_bytes)
             else:            # tar members → samples
-                expand = wds.tarfile_to_samples(handler=counter)
+                expand = guarded_tarfile_to_samples(counter, self.max_member_bytes)
             per_source.append(wds.DataPipeline(
                 lambda urls=urls, srng=srng: _resampled(urls, srng),   # resampled shards (this rank+lane's split)
                 expand,

@@ -24,15 +24,17 @@ from ssfer_dist.errors import UserError
 from ssfer_dist.stages import get_stage
 from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.train.plan import LaunchPlan, UnlabeledPlan
+from ssfer_dist.worker_env import non_secret_env
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RunResult", "run_stage", "run_from_cli", "pipeline_from_cli", "preflight", "run_pipeline"]
 
-# Environment forwarded to the workers (they may run on other nodes or in a Ray started earlier).
-FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "DS_ACCELERATOR",
-               "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "SSFER_COMM_GUARD")
+# Non-secret settings forwarded to the workers (they may run on other nodes or in a Ray started earlier).
+# Credentials are never forwarded (see ssfer_dist/worker_env.py): workers read them from their own process
+# environment (a local Ray inherits the driver's; KubeRay pods read the ssfer-s3 Secret).
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+               "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "SSFER_COMM_GUARD")
 
 
 @dataclasses.dataclass
@@ -171,14 +173,17 @@ def fast_path_lines(cfg: Config) -> List[str]:
 def _worker_env(use_gpu: bool = False) -> Dict[str, str]:
     """Environment for the workers. ``DS_ACCELERATOR`` follows ``scaling.use_gpu`` (not the driver's own
     hardware: a CPU-only head may drive GPU workers); the worker re-checks against its own devices."""
-    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    env = non_secret_env(FORWARD_ENV)
     env.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ssfer-torch-extensions"))
     return env
 
 
 def ensure_ray(cfg: Config) -> None:
-    """Connect to ``RAY_ADDRESS`` when set, reuse an initialised Ray, else start a small local one."""
+    """Connect to ``RAY_ADDRESS`` when set, reuse an initialised Ray, else start a small local one.
+
+    The local Ray's raylet and workers are children of this process and inherit its environment (S3
+    credentials included); the runtime env carries only non-secret settings."""
     import ray
 
     if ray.is_initialized():
@@ -209,9 +214,9 @@ def _storage_args(url: str) -> Dict[str, Any]:
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kw.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                  session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    # No explicit keys: the AWS SDK's default chain reads them from each process's own environment, so the
+    # pickled filesystem (sent to the Ray Train controller and workers, kept in the run's trainer state)
+    # holds no credential.
     kw["region"] = os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1"))
     fs = pafs.S3FileSystem(**kw)
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}

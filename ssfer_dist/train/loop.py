@@ -37,6 +37,7 @@ from ssfer_dist.train.plan import LaunchPlan
 from ssfer_dist.train.schedule import warmup_cosine
 from ssfer_dist.train.state import TrainState
 from ssfer_dist.train.step import DeviceMetrics, train_step
+from ssfer_dist.worker_env import check_s3_credentials
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         os.environ.setdefault(k, v)
     # DeepSpeed's accelerator must match this worker's devices (read before deepspeed is imported)
     os.environ["DS_ACCELERATOR"] = "cuda" if (cfg.scaling.use_gpu and torch.cuda.is_available()) else "cpu"
+    if plan.register_s3 or storage.is_s3(plan.run_url):
+        check_s3_credentials(f"run {plan.run_url}")
     if plan.register_s3:
         storage.register_webdataset_s3()
     collectives.maybe_install_guard()           # test-only (SSFER_COMM_GUARD=1)
@@ -129,7 +132,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
                          world_size=world, batches_per_epoch=bpe, seed=cfg.run.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer, uint8=cfg.data.uint8,
                          draft=cfg.data.draft_decode, start_batch=state.micro_batch,
-                         num_lanes=max(1, cfg.data.num_loader_workers))
+                         num_lanes=max(1, cfg.data.num_loader_workers),
+                         max_member_bytes=cfg.data.max_member_bytes)
     batches = iter(make_loader(stream, cfg.data.num_loader_workers, pin_memory=fast.pin_memory))
 
     global_batch = plan.global_batch
