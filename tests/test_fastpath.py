@@ -185,6 +185,12 @@ def test_use_gpu_without_cuda_fails_before_any_worker(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match=r"need 2 GPUs, this machine has 1"):
         launch.check_gpus_local(cfg)
+    # a Ray this process already started (local): its resources decide, before the pre-flight
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(UserError, match="the Ray cluster has 0 now"):
+        launch.check_gpus_local(cfg)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     # run_stage checks before it starts Ray
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(launch, "ensure_ray", lambda cfg: pytest.fail("Ray started"))

@@ -241,8 +241,8 @@ def check_gpus_local(cfg: Config) -> None:
         return
     import ray
 
-    if ray.is_initialized():
-        return
+    if ray.is_initialized():           # a Ray this process started: its resources are this machine's
+        return check_gpus_cluster(cfg)
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
