@@ -35,6 +35,7 @@ class RunCfg:
     name: str = "run"                 # run folder name under storage
     storage: str = "runs"             # local folder or s3://bucket/prefix
     seed: int = 0
+    storage_retry_s: float = 120.0    # transient S3 faults (connection lost, 5xx, throttling) retried this long
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class ScalingCfg:
 @dataclass(frozen=True)
 class FailureCfg:
     max_failures: int = 0
+    # Every wait is bounded (see distributed/faults.py): a collective waiting on a dead/frozen peer raises
+    # after collective_timeout_s; a worker whose loop makes no progress for stall_timeout_s ends the run
+    # with a one-line cause (0: no watchdog); a worker group that cannot start (resources, placement)
+    # within start_timeout_s fails the attempt, and such attempts are retried at most max_failures times.
+    collective_timeout_s: int = 600
+    stall_timeout_s: float = 900.0
+    start_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,11 @@ class DataCfg:
     shuffle_buffer: int = 1000
     uint8: bool = True                # ship uint8 tensors, normalise on device
     draft_decode: bool = True         # PIL Image.draft reduced-size JPEG decode when upsampling is not needed
+    augment_on: Literal["cpu", "device"] = "device"   # mae/weak crop+flip+resize: batched on the training device
+    decode: Literal["cpu", "device"] = "cpu"          # device: workers ship JPEG bytes, decoded in batch there
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"   # RandomResizedCrop's resize
+    crop_scale: Tuple[float, float] = (0.2, 1.0)      # RandomResizedCrop area fraction range
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range
     steps_per_epoch: Optional[int] = None   # default: manifest samples // global batch
     pin_memory: Optional[bool] = None # pinned batches, asynchronous copies to the GPU (null: on with CUDA)
     max_member_bytes: int = 64 * 1024 * 1024   # tar members over this are refused (counted corrupt), never loaded
@@ -168,6 +181,9 @@ class DebugCfg:
     fail_at_step: Optional[int] = None   # test-only fault injection: raise once at this step ...
     fail_rank: int = 1                   # ... on this rank ...
     fail_marker: Optional[str] = None    # ... recorded in this local file (so it fires only once)
+    # what fires: "error" raises; "stall" freezes the worker (sleeps forever: a hung peer / loader);
+    # "enospc_upload" fails this rank's checkpoint upload half-way with ENOSPC (a full disk mid-save)
+    fail_kind: Literal["error", "stall", "enospc_upload"] = "error"
 
 
 @dataclass(frozen=True)
@@ -373,6 +389,14 @@ def _check(cfg: Config, source: str) -> None:
         err("train.max_steps", f"expected >= 1, got {cfg.train.max_steps}")
     if cfg.train.max_steps is None and cfg.train.epochs <= 0:
         err("train.epochs", f"expected > 0, got {cfg.train.epochs}")
+    lo, hi = cfg.data.crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        err("data.crop_scale", f"expected 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}")
+    lo, hi = cfg.data.crop_ratio
+    if not 0.0 < lo <= hi:
+        err("data.crop_ratio", f"expected 0 < min <= max, got {list(cfg.data.crop_ratio)}")
+    if cfg.data.decode == "device" and cfg.data.augment_on != "device":
+        err("data.decode", "device decoding feeds the device augmentation: set data.augment_on: device too")
     if cfg.data.steps_per_epoch is not None and cfg.data.steps_per_epoch < 1:
         err("data.steps_per_epoch", f"expected >= 1, got {cfg.data.steps_per_epoch}")
     if cfg.optim.base_lr <= 0:
@@ -391,6 +415,14 @@ def _check(cfg: Config, source: str) -> None:
         err("checkpoint.num_to_keep", f"expected >= 1, got {cfg.checkpoint.num_to_keep}")
     if cfg.failure.max_failures < -1:
         err("failure.max_failures", f"expected >= -1 (-1: retry forever), got {cfg.failure.max_failures}")
+    if cfg.failure.collective_timeout_s < 1:
+        err("failure.collective_timeout_s", f"expected >= 1, got {cfg.failure.collective_timeout_s}")
+    if cfg.failure.stall_timeout_s < 0:
+        err("failure.stall_timeout_s", f"expected >= 0 (0: no watchdog), got {cfg.failure.stall_timeout_s}")
+    if cfg.failure.start_timeout_s <= 0:
+        err("failure.start_timeout_s", f"expected > 0, got {cfg.failure.start_timeout_s}")
+    if cfg.run.storage_retry_s < 0:
+        err("run.storage_retry_s", f"expected >= 0, got {cfg.run.storage_retry_s}")
     if not cfg.run.name or "/" in cfg.run.name:
         err("run.name", f"expected a non-empty name without '/', got {cfg.run.name!r}")
     if not cfg.data.shards:

@@ -1,9 +1,13 @@
 """One small storage layer for local paths and ``s3://bucket/prefix`` URLs.
 
 S3 goes through boto3, which honours ``AWS_ENDPOINT_URL`` / ``AWS_ACCESS_KEY_ID`` / ... from the
-environment; retries use botocore's standard retry mode, large uploads use boto3's managed
-multipart transfer. Local writes are atomic (temporary name + ``os.replace``); S3 objects are atomic
-by nature (a PUT or a completed multipart upload is visible whole or not at all).
+environment; large uploads use boto3's managed multipart transfer. Transient faults (endpoint
+unreachable, connection reset, 5xx, throttling) are retried with exponential backoff for a bounded
+time (:func:`set_retry_budget`, ``run.storage_retry_s``; botocore's own standard retries inside each
+attempt); streaming reads resume with a ranged GET from the byte they reached. Permanent faults
+(missing key, access denied) fail at once with the URL and the S3 code. Local writes are atomic
+(temporary name + ``os.replace``); S3 objects are atomic by nature (a PUT or a completed multipart
+upload is visible whole or not at all).
 
 Shared by ``sharding/`` and the training code; imports neither torch nor ray.
 """
@@ -12,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import shutil
 import tempfile
 import threading
-from typing import IO, Iterator, List, Tuple
+import time
+from typing import IO, Callable, Dict, Iterator, List, Tuple, TypeVar
 
 from ssfer_dist.errors import UserError
 
@@ -35,7 +41,15 @@ __all__ = [
     "open_read",
     "check_writable",
     "register_webdataset_s3",
+    "list_sizes",
+    "delete_tree",
+    "set_retry_budget",
 ]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_ENV = "SSFER_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 120.0
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
@@ -43,7 +57,61 @@ MULTIPART_CHUNK = 16 * 1024 * 1024
 
 
 class StorageError(UserError):
-    """A storage failure with a one-line message naming the URL."""
+    """A storage failure with a one-line message naming the URL (``s3_code``: the S3 error code, if any)."""
+
+    s3_code = None
+
+
+def set_retry_budget(seconds: float) -> None:
+    """How long transient S3 faults are retried (also for processes forked or spawned later)."""
+    os.environ[RETRY_ENV] = str(float(seconds))
+
+
+def _retry_budget() -> float:
+    try:
+        return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+    except ValueError:
+        return DEFAULT_RETRY_S
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                    "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                    "BadGateway", "GatewayTimeout"}
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A fault that may go away by itself: connection trouble, timeouts, 5xx, throttling."""
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):
+        return str(resp.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
+        from urllib3.exceptions import HTTPError as Urllib3Error
+    except ImportError:  # pragma: no cover
+        return isinstance(e, (ConnectionError, TimeoutError))
+    return isinstance(e, (BotoConnectionError, HTTPClientError, ResponseStreamingError, IncompleteReadError,
+                          Urllib3Error, ConnectionError, TimeoutError))
+
+
+def _retrying(url: str, fn: Callable[[], T]) -> T:
+    """``fn()``, retried with exponential backoff while it fails transiently and the budget lasts;
+    any failure left is raised as a one-line :class:`StorageError` naming ``url``."""
+    deadline = time.monotonic() + _retry_budget()
+    delay = 0.5
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as e:
+            attempt += 1
+            if not _is_transient(e) or time.monotonic() + delay > deadline:
+                raise _s3_error(url, e, attempt) from e
+            log.warning("%s: %s — retry %d in %.1f s", url, _first_line(e), attempt, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def is_s3(url: str) -> bool:
@@ -79,7 +147,9 @@ _local = threading.local()
 def _client_config():
     from botocore.config import Config
 
-    return Config(retries={"max_attempts": 8, "mode": "standard"}, max_pool_connections=32)
+    # a few quick attempts inside each try; the bounded backoff across an outage is _retrying's
+    return Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32,
+                  connect_timeout=5, read_timeout=60)
 
 
 def s3_client():
@@ -100,9 +170,19 @@ def s3_client():
     return cli
 
 
-def _s3_error(url: str, exc: Exception) -> StorageError:
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return StorageError(f"{url}: {msg}")
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _s3_error(url: str, exc: Exception, attempts: int = 1) -> StorageError:
+    msg = _first_line(exc)
+    if attempts > 1:
+        msg += f" (after {attempts} attempts, run.storage_retry_s={_retry_budget():g})"
+    err = StorageError(f"{url}: {msg}")
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        err.s3_code = str(resp.get("Error", {}).get("Code", "")) or None
+    return err
 
 
 def exists(url: str) -> bool:
@@ -110,16 +190,17 @@ def exists(url: str) -> bool:
         from botocore.exceptions import ClientError
 
         bucket, key = parse_s3(url)
-        try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _s3_error(url, e) from e
-        except Exception as e:  # endpoint unreachable, bad credentials...
-            raise _s3_error(url, e) from e
+
+        def head() -> bool:
+            try:
+                s3_client().head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return _retrying(url, head)   # endpoint unreachable (retried), bad credentials (at once)...
     return os.path.exists(url)
 
 
@@ -129,15 +210,7 @@ def list_files(url: str) -> List[str]:
         bucket, prefix = parse_s3(url)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        out: List[str] = []
-        try:
-            paginator = s3_client().get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    out.append(obj["Key"][len(prefix):])
-        except Exception as e:
-            raise _s3_error(url, e) from e
-        return sorted(out)
+        return sorted(list_sizes(url))
     if not os.path.isdir(url):
         return []
     out = []
@@ -147,13 +220,35 @@ def list_files(url: str) -> List[str]:
     return sorted(out)
 
 
+def list_sizes(url: str) -> Dict[str, int]:
+    """Every object (relative name → size in bytes) under a prefix / directory, recursively."""
+    if is_s3(url):
+        bucket, prefix = parse_s3(url)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+
+        def listing() -> Dict[str, int]:
+            out: Dict[str, int] = {}
+            paginator = s3_client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(prefix):]] = int(obj["Size"])
+            return out
+
+        return _retrying(url, listing)
+    out: Dict[str, int] = {}
+    for rel in list_files(url):
+        try:
+            out[rel] = os.path.getsize(os.path.join(url, rel))
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def get_bytes(url: str) -> bytes:
     if is_s3(url):
         bucket, key = parse_s3(url)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as e:
-            raise _s3_error(url, e) from e
+        return _retrying(url, lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
     try:
         with open(url, "rb") as f:
             return f.read()
@@ -162,13 +257,10 @@ def get_bytes(url: str) -> bytes:
 
 
 def open_read(url: str) -> IO[bytes]:
-    """A readable binary stream (S3: streaming body)."""
+    """A readable binary stream (S3: a streaming body that resumes with a ranged GET after a transient
+    fault, within the retry budget)."""
     if is_s3(url):
-        bucket, key = parse_s3(url)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as e:
-            raise _s3_error(url, e) from e
+        return _ResumingS3Stream(url)
     try:
         return open(url, "rb")
     except OSError as e:
@@ -178,20 +270,16 @@ def open_read(url: str) -> IO[bytes]:
 def _ensure_bucket(bucket: str, url: str) -> None:
     from botocore.exceptions import ClientError
 
-    cli = s3_client()
-    try:
-        cli.head_bucket(Bucket=bucket)
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchBucket", "NotFound"):
-            try:
-                cli.create_bucket(Bucket=bucket)
-            except Exception as e2:
-                raise _s3_error(url, e2) from e2
-        else:
-            raise _s3_error(url, e) from e
-    except Exception as e:
-        raise _s3_error(url, e) from e
+    def ensure() -> None:
+        cli = s3_client()
+        try:
+            cli.head_bucket(Bucket=bucket)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code", "") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            cli.create_bucket(Bucket=bucket)
+
+    _retrying(url, ensure)
 
 
 def _umask() -> int:
@@ -229,10 +317,7 @@ def put_bytes(url: str, data: bytes, durable: bool = True) -> None:
             put_stream(io.BytesIO(data), url)
             return
         bucket, key = parse_s3(url)
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as e:
-            raise _s3_error(url, e) from e
+        _retrying(url, lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     with _atomic_local(url, durable) as f:
         f.write(data)
@@ -247,20 +332,27 @@ def _transfer_config():
 
 def put_stream(stream: IO[bytes], url: str) -> None:
     bucket, key = parse_s3(url)
-    try:
+    start = stream.tell() if stream.seekable() else None
+
+    def upload() -> None:
+        if start is not None:
+            stream.seek(start)
         s3_client().upload_fileobj(stream, bucket, key, Config=_transfer_config())
-    except Exception as e:
-        raise _s3_error(url, e) from e
+
+    if start is None:   # a stream that cannot rewind is sent once
+        try:
+            upload()
+        except Exception as e:
+            raise _s3_error(url, e) from e
+        return
+    _retrying(url, upload)
 
 
 def put_file(local_path: str, url: str) -> None:
     """Copy a local file to ``url`` atomically (multipart upload for large files on S3)."""
     if is_s3(url):
         bucket, key = parse_s3(url)
-        try:
-            s3_client().upload_file(local_path, bucket, key, Config=_transfer_config())
-        except Exception as e:
-            raise _s3_error(url, e) from e
+        _retrying(url, lambda: s3_client().upload_file(local_path, bucket, key, Config=_transfer_config()))
         return
     with _atomic_local(url) as f, open(local_path, "rb") as src:
         shutil.copyfileobj(src, f, 1 << 20)
@@ -271,10 +363,7 @@ def get_file(url: str, local_path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
     if is_s3(url):
         bucket, key = parse_s3(url)
-        try:
-            s3_client().download_file(bucket, key, local_path, Config=_transfer_config())
-        except Exception as e:
-            raise _s3_error(url, e) from e
+        _retrying(url, lambda: s3_client().download_file(bucket, key, local_path, Config=_transfer_config()))
         return
     shutil.copyfile(url, local_path)
 
@@ -282,15 +371,26 @@ def get_file(url: str, local_path: str) -> None:
 def delete(url: str) -> None:
     if is_s3(url):
         bucket, key = parse_s3(url)
-        try:
-            s3_client().delete_object(Bucket=bucket, Key=key)
-        except Exception as e:
-            raise _s3_error(url, e) from e
+        _retrying(url, lambda: s3_client().delete_object(Bucket=bucket, Key=key))
         return
     if os.path.isdir(url):
         shutil.rmtree(url)
     elif os.path.exists(url):
         os.unlink(url)
+
+
+def delete_tree(url: str) -> None:
+    """Delete a folder / every object under an S3 prefix (the prefix itself, as a folder)."""
+    if not is_s3(url):
+        delete(url)
+        return
+    bucket, prefix = parse_s3(url)
+    prefix = prefix.rstrip("/") + "/"
+    names = list(list_sizes(url))
+    for i in range(0, len(names), 1000):
+        batch = [{"Key": prefix + n} for n in names[i:i + 1000]]
+        _retrying(url, lambda batch=batch: s3_client().delete_objects(Bucket=bucket, Delete={"Objects": batch,
+                                                                                            "Quiet": True}))
 
 
 def ensure_dir(url: str) -> None:
@@ -331,29 +431,60 @@ def register_webdataset_s3() -> None:
     def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
         if mode[0] != "r":
             raise StorageError(f"{url}: s3 opener is read-only")
-        return _ReadStream(open_read(url))
+        return open_read(url)
 
     gopen_s3._ssfer = True  # type: ignore[attr-defined]
     schemes["s3"] = gopen_s3
 
 
-class _ReadStream(io.RawIOBase):
-    """Wrap a botocore StreamingBody as a proper file object (webdataset calls close())."""
+class _ResumingS3Stream(io.RawIOBase):
+    """A readable S3 object (webdataset calls close()). A transient fault mid-stream (connection reset,
+    endpoint gone for a while) reopens the object from the byte reached with a ranged GET, retried for
+    the storage retry budget; the reader sees one unbroken stream."""
 
-    def __init__(self, body):
-        self._body = body
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._bucket, self._key = parse_s3(url)
+        self._pos = 0
+        self._body = None
+        self._open()
+
+    def _open(self) -> None:
+        def get():
+            kw = {"Range": f"bytes={self._pos}-"} if self._pos else {}
+            return s3_client().get_object(Bucket=self._bucket, Key=self._key, **kw)["Body"]
+
+        self._body = _retrying(self.url, get)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        data = self._body.read(len(b))
+        deadline = time.monotonic() + _retry_budget()
+        delay = 0.5
+        while True:
+            try:
+                data = self._body.read(len(b))
+                break
+            except Exception as e:
+                if not _is_transient(e) or time.monotonic() + delay > deadline:
+                    raise _s3_error(self.url, e) from e
+                log.warning("%s: %s at byte %d — resuming in %.1f s", self.url, _first_line(e), self._pos, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                try:
+                    self._body.close()
+                except Exception:
+                    pass
+                self._open()
         n = len(data)
         b[:n] = data
+        self._pos += n
         return n
 
     def close(self) -> None:
         try:
-            self._body.close()
+            if self._body is not None:
+                self._body.close()
         finally:
             super().close()

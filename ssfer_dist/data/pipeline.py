@@ -16,6 +16,7 @@ carries its lane's running count in ``"__corrupt__"`` so the loop can report it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import random
@@ -28,7 +29,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssfer_dist.data.safeimage import open_image
+from ssfer_dist.data.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META
 from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
 from ssfer_dist.errors import UserError
@@ -36,7 +37,7 @@ from ssfer_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 __all__ = ["Source", "View", "StreamSpec", "ShardStream", "make_loader", "stream_seed", "split_urls",
-           "decode_image"]
+           "decode_image", "RawDecode", "draft_decoded_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +55,13 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class View:
     """One augmented view of a sample: ``name`` in the batch, transform ``kind``
-    (``data.transforms.build_transform``)."""
+    (``data.transforms.build_transform``). ``on_device``: the CPU only decodes (uint8 at the stored size,
+    or the JPEG bytes with ``decode="device"``) and ``data.device_aug.DeviceAugment`` makes the view on
+    the training device."""
 
     name: str
     kind: str
+    on_device: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,7 @@ class StreamSpec:
     batch_size: int
     labeled: bool
     prefix: str = ""                  # key prefix in the batch ("" labeled, "u_" unlabeled)
+    raw_size: int = 0                 # stored image size (on-device views; 0: the lane's first image sets it)
 
 
 def stream_seed(seed: int, rank: int, lane: int, epoch: int, tag: str = "") -> int:
@@ -99,6 +104,7 @@ class _Counter:
     def __init__(self) -> None:
         self.count = 0
         self.in_a_row = 0
+        self.resized = 0         # decode-only views: images not at the stream's size, resized on the CPU
 
     def ok(self) -> None:
         self.in_a_row = 0
@@ -156,8 +162,115 @@ def decode_image(data: bytes, draft_size: Optional[int] = None):
     w0 = img.size[0]
     if draft_size:
         img.draft("RGB", (draft_size, draft_size))
-    img = img.convert("RGB")
+    if img.mode == "RGB":
+        img.load()               # (convert("RGB") would decode and then copy)
+    else:
+        img = img.convert("RGB")
     return img, img.size[0] / float(w0)
+
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from a JPEG's SOF marker (a few segment hops, no decode), None when not found."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:                      # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if m in _SOF:
+            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6]
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def decode_hwc(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """JPEG bytes → uint8 H x W x 3 with ``torchvision.io.decode_jpeg`` (libjpeg-turbo, no Python header
+    parse: ~1.5x PIL per small face here, same pixels). The SOF header's pixel count is capped first like
+    ``safeimage.open_image`` (a header without one goes through PIL). Raises on a corrupt JPEG like PIL."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    size = jpeg_frame_size(data)
+    if size is None:
+        return np.asarray(decode_image(data)[0], dtype=np.uint8)
+    if size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(f"JPEG header claims {size[0]}x{size[1]} pixels, over the {max_pixels}-pixel cap")
+
+    with warnings.catch_warnings():   # torchvision >= 0.29 warns on every call (TorchCodec supersedes it)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return t.permute(1, 2, 0).contiguous().numpy()
+
+
+def draft_decoded_size(size: int, draft_size: Optional[int]) -> int:
+    """The side of a ``size`` x ``size`` JPEG decoded with ``Image.draft`` towards ``draft_size`` (PIL's
+    DCT scaling: 1/1, 1/2, 1/4 or 1/8, the result still >= ``draft_size``; sides round up)."""
+    if not draft_size:
+        return size
+    a = max((f for f in (8, 4, 2, 1) if size // draft_size >= f), default=1)
+    return (size + a - 1) // a
+
+
+class RawDecode:
+    """Decode-only for on-device views: ``(sample, PIL image, box) -> (uint8 [R, R, 3] or JPEG bytes, box)``
+    (batched: uint8 ``[N, R, R, 3]`` as decoded, channels last; ``DeviceAugment`` takes it so).
+
+    ``R`` is the stream's stored size (after draft) or, with ``raw_size`` 0, the first image's. An image of
+    another size (a shard that breaks the fixed-size contract) is resized to R on the CPU, its box with it,
+    and counted in ``counter.resized`` (the batch's ``__resized__``); collation never sees mixed sizes. With
+    ``ship_bytes`` the JPEG goes as is (its size read from the header; a stray is decoded, resized and
+    re-encoded here, so the device decodes one size).
+    """
+
+    def __init__(self, raw_size: int, draft_size: Optional[int], counter: "_Counter") -> None:
+        self.size: Optional[Tuple[int, int]] = None
+        if raw_size:
+            r = draft_decoded_size(int(raw_size), draft_size)
+            self.size = (r, r)
+        self.counter = counter
+
+    def __call__(self, sample: Dict[str, Any], img, box: Optional[np.ndarray], ship_bytes: bool):
+        from PIL import Image
+
+        data = sample[EXT_IMAGE]
+        if ship_bytes:             # the size from the JPEG header (no decode; pixel cap checked)
+            img = open_image(data)
+        if isinstance(img, np.ndarray):          # decoded by decode_hwc
+            (h, w), arr = img.shape[:2], img
+            if self.size is None or (w, h) == self.size:
+                b = np.array([0, 0, w, h] if box is None else box, dtype=np.float32)
+                self.size = self.size or (w, h)
+                return arr, b
+            img = Image.fromarray(arr)
+        w, h = img.size
+        b = np.array([0, 0, w, h] if box is None else box, dtype=np.float32)
+        if self.size is None:
+            self.size = (w, h)
+        if (w, h) != self.size:
+            self.counter.resized += 1
+            if self.counter.resized <= 5:
+                log.warning("%s: image %s is %dx%d, the stream's are %dx%d: resized on the CPU",
+                            sample.get("__url__", "?"), sample.get("__key__", "?"), w, h, *self.size)
+            img = img.convert("RGB").resize(self.size, Image.BICUBIC)
+            b *= np.array([self.size[0] / w, self.size[1] / h] * 2, dtype=np.float32)
+            if ship_bytes:
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=95)
+                return buf.getvalue(), b
+        if ship_bytes:
+            return data, b
+        return np.asarray(img, dtype=np.uint8), b       # H x W x 3, as decoded
 
 
 def _resampled(urls: List[str], rng: random.Random) -> Iterator[Dict[str, str]]:
@@ -204,6 +317,7 @@ class ShardStream(IterableDataset):
                  batches_per_epoch: int, seed: int, shuffle_buffer: int = 1000, uint8: bool = True,
                  draft: bool = False, start_batch: int = 0, num_lanes: int = 1,
                  transform_factory: Optional[Callable[[str, int, bool], Callable]] = None,
+                 decode: str = "cpu",
                  max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES) -> None:
         super().__init__()
         self.specs = tuple(specs)
@@ -218,6 +332,9 @@ class ShardStream(IterableDataset):
         self.start_batch = int(start_batch)
         self.num_lanes = max(1, int(num_lanes))
         self.transform_factory = transform_factory
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
+        self.decode = decode
         self.max_member_bytes = max_member_bytes
 
     # ------------------------------------------------------------------ per-sample work
@@ -228,23 +345,41 @@ class ShardStream(IterableDataset):
             from ssfer_dist.data.transforms import build_transform
 
             factory = build_transform
-        kinds = {v.kind for s in self.specs for v in s.views}
+        kinds = {v.kind for s in self.specs for v in s.views if not v.on_device}
         return {k: factory(k, self.img_size, self.uint8) for k in kinds}
 
     def _decode_fn(self, spec: StreamSpec, tfs: Dict[str, Callable], counter: "_Counter"):
         draft = self.img_size if self.draft else None
+        ship_bytes = self.decode == "device"
+        on_device = any(v.on_device for v in spec.views)
+        cpu_views = any(not v.on_device for v in spec.views)
+        # decode-only views, nothing for PIL to do (no CPU view, draft cannot shrink the stored size):
+        # libjpeg-turbo through torchvision, bit-identical to PIL's decode without its Python header parse
+        fast = (on_device and not ship_bytes and not cpu_views
+                and (not draft or (spec.raw_size and spec.raw_size < 2 * draft)))
+        need_pil = cpu_views or (on_device and not ship_bytes and not fast)
+        raw = RawDecode(spec.raw_size, draft if not ship_bytes else None, counter)
 
         def decode(sample: Dict[str, Any]) -> Dict[str, Any]:
-            img, scale = decode_image(sample[EXT_IMAGE], draft)
+            img, scale = decode_image(sample[EXT_IMAGE], draft) if need_pil else (None, 1.0)
+            if fast:
+                img = decode_hwc(sample[EXT_IMAGE])
             box = None
             if EXT_META in sample:
                 box = np.asarray(json.loads(sample[EXT_META])["box"], dtype=np.float32) * scale
             out: Dict[str, Any] = {}
+            if on_device:       # decode only: uint8 at the stream's stored size (or the JPEG bytes) + raw box
+                raw_img, raw_box = raw(sample, img, box, ship_bytes)
             for v in spec.views:
+                if v.on_device:
+                    out[spec.prefix + v.name] = raw_img
+                    if v.name == "image":
+                        out["box"] = raw_box
+                    continue
                 x, b = tfs[v.kind](img, box)
                 out[spec.prefix + v.name] = x
                 if v.name == "image":
-                    out["box"] = torch.as_tensor(np.asarray(b, dtype=np.float32))
+                    out["box"] = np.asarray(b, dtype=np.float32)
             if spec.labeled:
                 out["label"] = int(sample[EXT_CLASS].decode("ascii").strip())
             elif spec.prefix:   # unlabeled stream: true label when the shard has one (pseudo-label accuracy)
@@ -317,6 +452,7 @@ class ShardStream(IterableDataset):
             for it in iters:
                 batch.update(next(it))
             batch["__corrupt__"] = torch.tensor([worker, counter.count], dtype=torch.long)
+            batch["__resized__"] = torch.tensor([worker, counter.resized], dtype=torch.long)
             batch["__index__"] = torch.tensor(k, dtype=torch.long)
             yield batch
             k += L

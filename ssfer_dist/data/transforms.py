@@ -101,11 +101,12 @@ class FaceTransform:
     """Callable ``(img, box) -> (tensor, box)``; see the module docstring for the kinds."""
 
     def __init__(self, kind: str, img_size: int, uint8: bool = False, scale=(0.2, 1.0), flip_p: float = 0.5,
-                 randaug: str = RANDAUG):
+                 randaug: str = RANDAUG, ratio=(3 / 4, 4 / 3), interpolation: str = "bicubic"):
         if kind not in KINDS:
             raise ValueError(f"transform kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.img_size, self.uint8 = kind, int(img_size), uint8
-        self.scale, self.flip_p = scale, flip_p
+        self.scale, self.flip_p, self.ratio = tuple(scale), flip_p, tuple(ratio)
+        self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
         self.randaug: Optional[Callable] = None
         if kind == "strong":
             from timm.data.auto_augment import rand_augment_transform
@@ -128,8 +129,8 @@ class FaceTransform:
                 img = img.resize((s, s), Image.BICUBIC)
             b = crop_box(b, 0, 0, h, w, s, s)
         else:
-            top, left, ch, cw = sample_crop(w, h, self.scale)
-            img = img.resize((s, s), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+            top, left, ch, cw = sample_crop(w, h, self.scale, self.ratio)
+            img = img.resize((s, s), self.resample, box=(left, top, left + cw, top + ch))
             b = crop_box(b, top, left, ch, cw, s, s)
             if random.random() < self.flip_p:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -142,6 +143,7 @@ class FaceTransform:
         return f"FaceTransform(kind={self.kind!r}, img_size={self.img_size}, uint8={self.uint8})"
 
 
-def build_transform(kind: str, img_size: int, uint8: bool = False) -> FaceTransform:
-    """The stage transform ``kind`` (mae|weak|strong|eval) at ``img_size``; see the module docstring."""
-    return FaceTransform(kind, img_size, uint8)
+def build_transform(kind: str, img_size: int, uint8: bool = False, **kwargs) -> FaceTransform:
+    """The stage transform ``kind`` (mae|weak|strong|eval) at ``img_size``; see the module docstring.
+    ``kwargs``: ``scale``, ``ratio``, ``interpolation`` of the crop (``data.crop_*``, ``data.interpolation``)."""
+    return FaceTransform(kind, img_size, uint8, **kwargs)

@@ -8,39 +8,87 @@ A checkpoint folder (``<storage>/<run>/checkpoint_<step>``) holds
 - ``extra.pt``          the task's own state (``Task.state_dict``: EMA teacher, threshold policy) — tensors
   and plain values only, loaded with ``weights_only=True``; absent when the task keeps none.
 
-Ray merges the ranks' files into one folder, keeps ``checkpoint.num_to_keep`` of them and hands the
-latest back through ``ray.train.get_checkpoint()`` after a failure or when a run is rerun with the
-same name.
+- ``_parts/rank<r>.json`` each rank's list of the files it wrote (name → bytes), uploaded after them;
+- ``_COMMITTED``        written last by rank 0, after a barrier that follows every rank's upload, once it
+  has checked that every rank's part list is there and every listed file has its size.
+
+Each rank uploads its own files through :mod:`ssfer_dist.storage` (retried through transient faults for
+``run.storage_retry_s``; Ray's ``checkpoint_upload_fn``), so Ray merges the ranks' files into one
+folder, keeps ``checkpoint.num_to_keep`` of them and hands the latest back through
+``ray.train.get_checkpoint()`` after a failure or when a run is rerun with the same name.
+
+**No partial checkpoint survives.** A folder is complete when it has ``_COMMITTED``, or — crash between
+the last upload and the marker — when every rank's part list is there and every listed file has its
+size (then the marker is written). :func:`sweep_incomplete` deletes every other ``checkpoint_*`` folder;
+rank 0 runs it before training (nothing else writes then) and the launcher after every run, failed or
+not. :func:`latest_complete` is the "newest checkpoint" lookup for people and tools.
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+
+from ssfer_dist import storage
 
 from ssfer_dist.tasks.base import Task
 from ssfer_dist.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_and_report", "restore", "DS_TAG", "checkpoint_dir_name"]
+__all__ = ["save_and_report", "restore", "DS_TAG", "checkpoint_dir_name", "sweep_incomplete", "latest_complete",
+           "is_complete", "COMMIT_FILE"]
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
 EXTRA_FILE = "extra.pt"
+COMMIT_FILE = "_COMMITTED"
+PARTS_DIR = "_parts"
+_CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
 
 
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, Any], rank: int) -> None:
-    """Save this rank's part of the checkpoint and report it to Ray (every rank calls this)."""
+def _upload_part(local_dir: str, dest_url: str, rank: int, world: int, fail_half_way: bool = False) -> None:
+    """Upload this rank's files, then its part list ``_parts/rank<r>.json`` (names and sizes).
+    ``fail_half_way``: test-only — raise ENOSPC after half of the files, as a full disk would."""
+    files: Dict[str, int] = {}
+    for root, _dirs, names in os.walk(local_dir):
+        for n in names:
+            p = os.path.join(root, n)
+            files[os.path.relpath(p, local_dir).replace(os.sep, "/")] = os.path.getsize(p)
+    for i, name in enumerate(sorted(files)):
+        if fail_half_way and i >= len(files) // 2:
+            target = storage.join(dest_url, name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+        storage.put_file(os.path.join(local_dir, name), storage.join(dest_url, name))
+    part = {"rank": rank, "world_size": world, "files": files}
+    storage.put_bytes(storage.join(dest_url, PARTS_DIR, f"rank{rank}.json"), json.dumps(part).encode())
+
+
+def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, Any], rank: int, world: int,
+                    run_url: str, upload_fault: bool = False) -> None:
+    """Save this rank's part of the checkpoint into ``<run_url>/checkpoint_<step>``, upload it, report it
+    to Ray, and (rank 0, after a barrier that follows every rank's upload) commit it. Every rank calls this."""
     import ray.train
+
+    name = checkpoint_dir_name(state.step)
+    ctx = ray.train.get_context()
+    dest = storage.join(run_url, name)
+
+    def upload(checkpoint, dir_name: str):
+        _upload_part(checkpoint.path, dest, rank, world, fail_half_way=upload_fault)
+        st = ctx.get_storage()
+        return ray.train.Checkpoint(path=f"{st.experiment_fs_path}/{dir_name}", filesystem=st.storage_filesystem)
 
     tmp = tempfile.mkdtemp(prefix="ssfer-ckpt-")
     try:
@@ -51,10 +99,100 @@ def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, An
             extra = task.state_dict()
             if extra:
                 torch.save(extra, os.path.join(tmp, EXTRA_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_dir_name(state.step))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                         checkpoint_upload_fn=upload)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()          # every rank's files and part list are uploaded ...
+    if rank == 0:
+        # ... checked, not assumed: a barrier torn down by a failing peer's shutdown can return early
+        if not is_complete(dest):
+            raise RuntimeError(f"checkpoint {dest}: not every rank's part arrived; not committed")
+        _commit(dest, state.step)
+
+
+def _commit(url: str, step: int) -> None:
+    storage.put_bytes(storage.join(url, COMMIT_FILE), json.dumps({"step": step}).encode())
+
+
+def is_complete(url: str, listing: Optional[Dict[str, int]] = None) -> bool:
+    """Committed, or every rank's part list present with every listed file at its size."""
+    files = storage.list_sizes(url) if listing is None else listing
+    if COMMIT_FILE in files:
+        return True
+    parts = [f for f in files if f.startswith(PARTS_DIR + "/")]
+    if not parts:
+        return False
+    try:
+        first = json.loads(storage.get_bytes(storage.join(url, parts[0])))
+        world = int(first["world_size"])
+        for r in range(world):
+            name = f"{PARTS_DIR}/rank{r}.json"
+            if name not in files:
+                return False
+            part = json.loads(storage.get_bytes(storage.join(url, name)))
+            for f, size in part["files"].items():
+                if files.get(f) != size:
+                    return False
+    except (ValueError, KeyError, storage.StorageError):
+        return False
+    return True
+
+
+def _checkpoint_dirs(run_url: str) -> Dict[str, Dict[str, int]]:
+    """``checkpoint_*`` folder name → {relative file: size}."""
+    out: Dict[str, Dict[str, int]] = {}
+    for rel, size in storage.list_sizes(run_url).items():
+        head, _, rest = rel.partition("/")
+        if rest and _CKPT_RE.match(head):
+            out.setdefault(head, {})[rest] = size
+    return out
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def ray_registered(run_url: str) -> List[str]:
+    """Checkpoint folders Ray Train has registered for this run (every rank reported them), read from
+    its checkpoint-manager snapshot; [] when there is none or its format is unknown."""
+    url = storage.join(run_url, RAY_SNAPSHOT)
+    try:
+        if not storage.exists(url):
+            return []
+        snap = json.loads(storage.get_bytes(url))
+        return sorted({r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])
+                       if r.get("checkpoint_dir_name")})
+    except (storage.StorageError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def sweep_incomplete(run_url: str, keep: Sequence[str] = ()) -> List[str]:
+    """Delete every incomplete ``checkpoint_*`` folder of a run; commit the complete-but-unmarked ones and
+    those Ray registered (``keep`` adds names). Returns the names deleted. Call only when no worker of the
+    run is writing."""
+    deleted = []
+    registered = set(ray_registered(run_url)) | set(keep)
+    for name, files in sorted(_checkpoint_dirs(run_url).items()):
+        url = storage.join(run_url, name)
+        if COMMIT_FILE in files:
+            continue
+        if name in registered or is_complete(url, files):
+            m = _CKPT_RE.match(name)
+            _commit(url, int(m.group(1)))
+            continue
+        log.warning("removing incomplete checkpoint %s (%d files, no commit marker)", url, len(files))
+        storage.delete_tree(url)
+        deleted.append(name)
+    return deleted
+
+
+def latest_complete(run_url: str) -> Optional[str]:
+    """URL of the newest committed checkpoint of a run, or None."""
+    done = [n for n, files in _checkpoint_dirs(run_url).items() if COMMIT_FILE in files]
+    if not done:
+        return None
+    return storage.join(run_url, max(done, key=lambda n: int(_CKPT_RE.match(n).group(1))))
 
 
 def _ds_safe_globals():
@@ -83,6 +221,9 @@ def restore(checkpoint, engine, task: Task) -> Optional[TrainState]:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
+        if not os.path.exists(os.path.join(d, COMMIT_FILE)):
+            log.warning("checkpoint %s has no commit marker (Ray registered it: every rank reported)",
+                        checkpoint.path)
         state_path = os.path.join(d, STATE_FILE)
         if not os.path.exists(state_path):
             raise RuntimeError(f"checkpoint {checkpoint.path} lacks {STATE_FILE}")

@@ -9,11 +9,14 @@ local Ray.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -192,17 +195,32 @@ def ensure_ray(cfg: Config) -> None:
     env = {"env_vars": _worker_env(cfg.scaling.use_gpu)}
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except Exception as e:   # unreachable cluster, start-up timeout: one line naming the address
+            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"RAY_ADDRESS={address}: could not connect to Ray: {type(e).__name__}: {why}") from None
         return
     need = max(1, int(round(cfg.scaling.num_workers * max(cfg.scaling.cpus_per_worker, 1.0))))
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls (without it every
     # stage logs a warning per second) and lets the user watch the run.
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, runtime_env=env,
-             object_store_memory=256 * 1024 * 1024, log_to_driver=True)
+    from ssfer_dist.distributed.localray import private_init_kwargs
+
+    kw = private_init_kwargs(env)
+    try:
+        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+                 object_store_memory=256 * 1024 * 1024, log_to_driver=True, **kw)
+        log.info("started a private local Ray in %s (dashboard %s)", kw["_temp_dir"],
+                 kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"])
+    except Exception as e:   # e.g. a start-up timeout: one line, not a traceback
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"could not start a local Ray: {type(e).__name__}: {why} (logs: {kw['_temp_dir']})") from None
 
 
-def _storage_args(url: str) -> Dict[str, Any]:
-    """RunConfig storage arguments: a local folder, or a pyarrow S3 filesystem built from the AWS_* env."""
+def _storage_args(url: str, retry_s: float = 120.0) -> Dict[str, Any]:
+    """RunConfig storage arguments: a local folder, or a pyarrow S3 filesystem built from the AWS_* env
+    (what Ray Train itself writes there — its checkpoint-manager snapshot — retried with the AWS SDK's
+    exponential backoff, 25 ms × 2^k, for about ``retry_s``)."""
     if not storage.is_s3(url):
         return {"storage_path": os.path.abspath(url)}
     import pyarrow.fs as pafs
@@ -218,6 +236,8 @@ def _storage_args(url: str) -> Dict[str, Any]:
     # pickled filesystem (sent to the Ray Train controller and workers, kept in the run's trainer state)
     # holds no credential.
     kw["region"] = os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1"))
+    attempts = max(3, math.ceil(math.log2(max(retry_s, 0.0) / 0.025 + 1)))
+    kw["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts)
     fs = pafs.S3FileSystem(**kw)
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
@@ -291,6 +311,7 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
     from ssfer_dist.train.loop import train_loop_per_worker
 
     cfg = absolute_paths(cfg)          # configs built in code (from_dict) may hold relative paths
+    storage.set_retry_budget(cfg.run.storage_retry_s)
     if plan is None:
         plan = preflight(cfg)
     check_gpus_local(cfg)
@@ -303,28 +324,72 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None) -> RunResult:
         res["GPU"] = float(sc.gpus_per_worker or 1.0)
     res.update(sc.resources_per_worker)
     scaling = ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=res)
+    fc = cfg.failure
+    # Ray Train reads these in its controller (propagated from the driver's environment): a worker group
+    # that cannot be placed fails the attempt after start_timeout_s instead of waiting in silence.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(float(fc.start_timeout_s))
+    os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S",
+                          str(float(max(60.0, fc.stall_timeout_s or 600.0))))
+    # start failures are retried max(2, max_failures) times, never forever (Ray's default: -1)
+    start_retries = max(2, fc.max_failures)
     run_config = ray.train.RunConfig(
         name=cfg.run.name,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=fc.max_failures, controller_failure_limit=start_retries),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        **_storage_args(_abs_storage(cfg.run.storage)),
+        **_storage_args(_abs_storage(cfg.run.storage), cfg.run.storage_retry_s),
     )
     payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env(sc.use_gpu)}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
                            run_config=run_config,
-                           torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"))
+                           torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo",
+                                                    timeout_s=int(fc.collective_timeout_s)))
     log.info("[%s] run %s: %d workers, %d steps, global batch %d, lr %.3g → %s", cfg.train.stage, cfg.run.name,
              sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
+    from ssfer_dist.distributed import faults
+    from ssfer_dist.distributed.checkpoint import sweep_incomplete
+
+    started = time.time() - 1.0
     try:
-        result = trainer.fit()
+        with _permanent_faults_not_retried():
+            result = trainer.fit()
+        error = getattr(result, "error", None)
     except Exception as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RuntimeError(f"run {cfg.run.name} failed: {why}") from e
-    if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"run {cfg.run.name} failed: {result.error}")
+        error = e
+    try:
+        sweep_incomplete(plan.run_url)         # no partial checkpoint survives a failed (or any) run
+    except UserError as e:
+        log.warning("could not sweep incomplete checkpoints: %s", e)
+    if error is not None:
+        why = faults.one_line(error, faults.read_causes(plan.run_url, started))
+        raise faults.RunFailed(f"run {cfg.run.name} failed: {why}") from error
     export = storage.join(plan.run_url, "export", "model.safetensors")
     ck = result.checkpoint.path if result.checkpoint is not None else None
     return RunResult(run_url=plan.run_url, export_path=export, metrics=dict(result.metrics or {}), checkpoint=ck)
+
+
+@contextlib.contextmanager
+def _permanent_faults_not_retried():
+    """Give Ray Train a failure policy that raises a permanent fault (missing shard, full disk, access
+    denied) at once instead of restarting the worker group. Ray has no public hook for this; the factory
+    name is swapped for the duration of ``fit()`` and, without it, Ray's default policy applies."""
+    from ssfer_dist.distributed.faults import failure_policy_factory
+
+    try:
+        import ray.train.v2.api.data_parallel_trainer as dpt
+    except ImportError:
+        yield
+        return
+    factory = failure_policy_factory()
+    if factory is None or not hasattr(dpt, "create_failure_policy"):
+        log.warning("this Ray has no failure-policy hook; permanent faults use max_failures restarts")
+        yield
+        return
+    saved = dpt.create_failure_policy
+    dpt.create_failure_policy = factory
+    try:
+        yield
+    finally:
+        dpt.create_failure_policy = saved
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -118,11 +118,32 @@ class Stage:
         """(labeled views, unlabeled views)."""
         return (View("image", "weak"),), ()
 
+    def data_views(self, sub: StageConfigs) -> Views:
+        """:meth:`views` placed: with ``data.augment_on: device`` the mae/weak views are decoded on the CPU and
+        augmented on the training device (``data.device_aug``)."""
+        from ssfer_dist.data.device_aug import place_views
+
+        lab, unl = self.views(sub)
+        return place_views(lab, sub.data.augment_on), place_views(unl, sub.data.augment_on)
+
     def stream_specs(self, sub: StageConfigs, plan: LaunchPlan) -> List[StreamSpec]:
         """The batched streams the stage reads (the labeled/MAE stream by default)."""
-        lab_views, _ = self.views(sub)
+        lab_views, _ = self.data_views(sub)
         return [StreamSpec(sources=(Source(tuple(plan.shard_urls)),), views=lab_views,
-                           batch_size=sub.data.batch_size_per_rank, labeled=self.needs_labels)]
+                           batch_size=sub.data.batch_size_per_rank, labeled=self.needs_labels,
+                           raw_size=int(plan.image_size))]
+
+    def device_augment(self, sub: StageConfigs, plan: LaunchPlan, rank: int):
+        """The on-device half of the stage's views (``DeviceAugment``), or None when the CPU makes them all;
+        the loop applies it to every micro-batch once it is on the device."""
+        from ssfer_dist.data.device_aug import DeviceAugment
+
+        keys = {s.prefix + v.name: v.kind for s in self.stream_specs(sub, plan) for v in s.views if v.on_device}
+        if not keys:
+            return None
+        d = sub.data
+        return DeviceAugment(keys, sub.model.img_size, seed=sub.run.seed, rank=rank, scale=d.crop_scale,
+                             ratio=d.crop_ratio, interpolation=d.interpolation)
 
     # ---- model and optimisation
     def build_task(self, sub: StageConfigs, plan: LaunchPlan, device: torch.device) -> Tuple[Task, nn.Module]:

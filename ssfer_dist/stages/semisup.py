@@ -45,7 +45,7 @@ class SemiSupStage(Stage):
     def stream_specs(self, sub: StageConfigs, plan: LaunchPlan) -> List[StreamSpec]:
         """The labeled stream plus the unlabeled mixture (``u_`` keys, ``mu`` x the labeled batch)."""
         specs = super().stream_specs(sub, plan)
-        _, unl_views = self.views(sub)
+        _, unl_views = self.data_views(sub)
         ids = sub.section.threshold.kind == "flexmatch"  # per-sample state: samples carry their manifest row as an id
         srcs = tuple(Source(tuple(u.urls), u.weight, tuple(u.offsets) if ids else ()) for u in plan.unlabeled)
         specs.append(StreamSpec(sources=srcs, views=unl_views, batch_size=sub.data.batch_size_per_rank * sub.data.mu,

@@ -13,6 +13,7 @@ import os
 import random
 import tempfile
 import time
+from functools import partial
 from typing import Any, Dict
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from ssfer_dist import storage
 from ssfer_dist.config import DebugCfg, from_dict
 from ssfer_dist.distributed import checkpoint as ckpt_mod
-from ssfer_dist.distributed import collectives
+from ssfer_dist.distributed import collectives, faults
 from ssfer_dist.distributed.engine import (
     build_engine,
     build_optimizer,
@@ -54,14 +55,25 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
-    if d.fail_at_step is None or step != d.fail_at_step or rank != d.fail_rank:
-        return
+def _fault_due(d: DebugCfg, step: int, rank: int, kinds) -> bool:
+    """Whether the test-only fault fires here (once per marker file)."""
+    if d.fail_at_step is None or step != d.fail_at_step or rank != d.fail_rank or d.fail_kind not in kinds:
+        return False
     if d.fail_marker:
         if os.path.exists(d.fail_marker):
-            return
+            return False
         with open(d.fail_marker, "w") as f:
-            f.write(f"failed at step {step} on rank {rank}\n")
+            f.write(f"{d.fail_kind} at step {step} on rank {rank}\n")
+    return True
+
+
+def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
+    if not _fault_due(d, step, rank, ("error", "stall")):
+        return
+    if d.fail_kind == "stall":          # a frozen worker: only the watchdog / collective timeouts end this
+        log.warning("injected stall at step %d on rank %d", step, rank)
+        while True:
+            time.sleep(3600)
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
 
 
@@ -71,17 +83,47 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     shard URLs, class names, run URL; read here, never recomputed)."""
     import ray.train
 
-    from ssfer_dist.data.pipeline import ShardStream, make_loader
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = from_dict(payload["config"])
     plan: LaunchPlan = payload["plan"]
+    rank = ray.train.get_context().get_world_rank()
+    # Bounded waits: the watchdog ends this worker (one-line cause in <run>/_faults/) when the loop makes no
+    # progress for failure.stall_timeout_s; a permanent fault is raised as PermanentFault (Ray does not retry).
+    watchdog = faults.StallWatchdog(
+        cfg.failure.stall_timeout_s, rank,
+        record=lambda cause: faults.write_cause(plan.run_url, rank, cause, "stall"))
+    try:
+        _train(cfg, plan, payload, watchdog)
+    except Exception as e:
+        cause = faults.classify(e)
+        if cause is None:
+            raise
+        log.error("rank %d: permanent fault, not retried: %s", rank, cause)
+        try:
+            faults.write_cause(plan.run_url, rank, cause, "permanent")
+        except Exception:
+            pass
+        raise faults.PermanentFault(cause) from e
+    finally:
+        watchdog.stop()
+
+
+def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.StallWatchdog") -> None:
+    import ray.train
+
+    from ssfer_dist.data.pipeline import ShardStream, make_loader
+    from ssfer_dist.data.transforms import build_transform
+
     stage = get_stage(plan.stage)
     sub = StageConfigs.of(cfg)
     for k, v in payload.get("env", {}).items():
-        os.environ.setdefault(k, v)
+        if k.startswith("AWS_"):        # the storage the driver checked in pre-flight, not a stale one
+            os.environ[k] = v
+        else:
+            os.environ.setdefault(k, v)
     # DeepSpeed's accelerator must match this worker's devices (read before deepspeed is imported)
     os.environ["DS_ACCELERATOR"] = "cuda" if (cfg.scaling.use_gpu and torch.cuda.is_available()) else "cpu"
+    storage.set_retry_budget(cfg.run.storage_retry_s)
     if plan.register_s3 or storage.is_s3(plan.run_url):
         check_s3_credentials(f"run {plan.run_url}")
     if plan.register_s3:
@@ -109,11 +151,18 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     fastpath.apply_to_model(fast, trainable)    # grad checkpointing, torch.compile (in place: names kept)
     groups = stage.param_groups(sub, trainable)
     optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr, fused=fast.fused)
+    watchdog.beat("DeepSpeed initialisation")
+    faults.skip_cpu_shm_comm_build()
     engine = build_engine(trainable, optimizer, ds_config(cfg.train, plan.batch_size_per_rank, plan.global_batch))
     gather = gather_ctx(cfg.train.zero_stage)
 
     state = TrainState(stage=plan.stage, seeds=seeds)
-    resumed = ckpt_mod.restore(ray.train.get_checkpoint(), engine, task)
+    watchdog.beat("checkpoint restore")
+    ray_ckpt = ray.train.get_checkpoint()
+    if rank == 0:                                # no partial checkpoint survives (nothing else writes now)
+        keep = [os.path.basename(ray_ckpt.path.rstrip("/"))] if ray_ckpt is not None else []
+        ckpt_mod.sweep_incomplete(plan.run_url, keep=keep)
+    resumed = ckpt_mod.restore(ray_ckpt, engine, task)
     if resumed is not None:
         state = resumed
         log.info("rank %d resumed at step %d (micro-batch %d, data epoch %d)", rank, state.step,
@@ -128,12 +177,16 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         metrics_log.truncate_after(state.step)
 
     bpe = plan.steps_per_epoch * ga             # micro-batches per epoch per rank
+    d = cfg.data
     stream = ShardStream(stage.stream_specs(sub, plan), img_size=cfg.model.img_size, rank=rank,
                          world_size=world, batches_per_epoch=bpe, seed=cfg.run.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, uint8=cfg.data.uint8,
-                         draft=cfg.data.draft_decode, start_batch=state.micro_batch,
-                         num_lanes=max(1, cfg.data.num_loader_workers),
-                         max_member_bytes=cfg.data.max_member_bytes)
+                         shuffle_buffer=d.shuffle_buffer, uint8=d.uint8,
+                         draft=d.draft_decode, start_batch=state.micro_batch,
+                         num_lanes=max(1, d.num_loader_workers), decode=d.decode,
+                         transform_factory=partial(build_transform, scale=d.crop_scale, ratio=d.crop_ratio,
+                                                   interpolation=d.interpolation),
+                         max_member_bytes=d.max_member_bytes)
+    device_aug = stage.device_augment(sub, plan, rank)    # mae/weak geometry on this device (augment_on)
     batches = iter(make_loader(stream, cfg.data.num_loader_workers, pin_memory=fast.pin_memory))
 
     global_batch = plan.global_batch
@@ -146,7 +199,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         lr = warmup_cosine(state.step, total, plan.effective_lr, plan.warmup_steps, cfg.optim.min_lr)
         set_lr(optimizer, lr)
         keys_digest, batch = train_step(task, engine, batches, ga, state.step, device, metrics, corrupt_by_lane,
-                                        gather)
+                                        gather, device_aug=device_aug, beat=watchdog.beat)
         _maybe_fail(cfg.debug, state.step, rank)
         state.step += 1
         state.micro_batch += ga
@@ -160,6 +213,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
             stage.preview(task, batch, state.step, plan.run_url, metrics_log, rank)
         if not do_log:
             continue
+        watchdog.beat(f"step {state.step}: metrics/checkpoint")
         # ---- metrics (all ranks take part in the reductions and in ray.train.report)
         avg = metrics.read(collectives.all_reduce_sum)   # the window's one host read
         state.corrupt_samples = corrupt_base + collectives.sum_ints([sum(corrupt_by_lane.values())])[0]
@@ -179,11 +233,14 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         if do_ckpt:
             if metrics_log is not None:
                 metrics_log.sync()
-            ckpt_mod.save_and_report(engine, task, state, record, rank)
+            upload_fault = _fault_due(cfg.debug, state.step, rank, ("enospc_upload",))
+            ckpt_mod.save_and_report(engine, task, state, record, rank, world, plan.run_url,
+                                     upload_fault=upload_fault)
         else:
             ray.train.report(record)
 
     # ---- export consolidated weights (every rank takes part in the ZeRO-3 gather)
+    watchdog.beat("export")
     sd = consolidated_state_dict(engine, cfg.train.zero_stage)
     export_url = storage.join(plan.run_url, "export", "model.safetensors")
     if rank == 0:

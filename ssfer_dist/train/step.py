@@ -99,18 +99,27 @@ class DeviceMetrics:
 
 def train_step(task, engine, batches: Iterator[Dict[str, Any]], grad_accum: int, step: int,
                device: torch.device, metrics: DeviceMetrics, corrupt_by_lane: Dict[int, int],
-               gather_ctx=None, keys_digest: int = 0, non_blocking: bool = True) -> Tuple[int, Dict[str, Any]]:
+               gather_ctx=None, keys_digest: int = 0, non_blocking: bool = True,
+               device_aug: Optional[Callable] = None, beat: Optional[Callable[[str], None]] = None
+               ) -> Tuple[int, Dict[str, Any]]:
     """One optimizer step: ``grad_accum`` × (next batch → task → backward → engine step), then
     ``task.after_step``. Updates ``metrics`` (device) and ``corrupt_by_lane`` (host ints from the loader).
-    Returns (the crc32 digest of the step's sample keys, the last device batch)."""
+    ``device_aug(batch, index, device)``: the stage's on-device augmentation; ``beat(what)``: the stall
+    watchdog's heartbeat. Returns (the crc32 digest of the step's sample keys, the last device batch)."""
     batch: Dict[str, Any] = {}
     for _ in range(grad_accum):
+        if beat is not None:
+            beat(f"step {step + 1}: waiting for a batch")
         raw = next(batches)
+        if beat is not None:
+            beat(f"step {step + 1}: forward/backward (collectives)")
         if "__corrupt__" in raw:
             lane, count = (int(x) for x in raw["__corrupt__"].tolist())   # a CPU tensor from the loader
             corrupt_by_lane[lane] = count
         keys_digest = zlib.crc32("|".join(raw.get("__key__", [])).encode(), keys_digest)
         batch = prepare_batch(raw, device, non_blocking)
+        if device_aug is not None:
+            batch = device_aug(batch, int(raw["__index__"]), device)      # the loader's CPU batch index
         out = task(batch, step)
         engine.backward(out["loss"])
         engine.step()

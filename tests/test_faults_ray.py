@@ -1,0 +1,313 @@
+"""Faults on a local Ray with 2 gloo workers (real DeepSpeed on CPU): every fault ends in a bounded time
+with one line naming its cause, and no partial checkpoint is left behind.
+
+- a frozen worker (sleeps inside the step: a hung peer, a dead-locked loader) — without the stall
+  watchdog and the collective timeout the other rank waits in a gloo all-reduce for 30 min;
+- a full disk half-way through one rank's checkpoint upload — a permanent fault: not retried although
+  ``max_failures: 1`` would allow it, ``ssfer run`` exits 2 with one line, the partial folder is gone;
+- a worker group that can never be placed — Ray's default retries that forever in silence.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+
+from ssfer_dist import storage
+from ssfer_dist.config import load_config
+from ssfer_dist.distributed import checkpoint as ck
+from ssfer_dist.distributed.faults import RunFailed
+from ssfer_dist.train.debugdata import write_debug_shards
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_debug_shards(str(tmp_path_factory.mktemp("fshards")))
+
+
+def _ov(name, shards, runs, extra):
+    return [f"data.shards={shards['fr']}", f"run.storage={runs}", f"run.name={name}", "train.zero_stage=2",
+            "train.preview_every=0", "train.log_every=1"] + list(extra)
+
+
+@pytest.mark.timeout(900)
+def test_a_frozen_worker_ends_the_run_with_a_one_line_cause(ray_local, shards, tmp_path):
+    from ssfer_dist.distributed.launch import run_stage
+
+    marker = tmp_path / "stall.marker"
+    cfg = load_config(PRETRAIN, _ov("frozen", shards, tmp_path / "runs", [
+        "train.max_steps=12", "checkpoint.every_steps=0", "failure.max_failures=0",
+        "failure.stall_timeout_s=20", "failure.collective_timeout_s=120",
+        "debug.fail_at_step=3", "debug.fail_rank=1", "debug.fail_kind=stall", f"debug.fail_marker={marker}"]))
+    with pytest.raises(RunFailed) as ei:
+        run_stage(cfg)
+    ended = time.time()
+    msg = str(ei.value)
+    assert marker.exists()
+    assert "\n" not in msg and msg.startswith("run frozen failed: rank ")
+    assert "made no progress for" in msg and "failure.stall_timeout_s=20" in msg, msg
+    # bounded: the stall watchdog (20 s) + Ray noticing the dead worker, far below gloo's 30 min
+    assert ended - marker.stat().st_mtime < 20 + 90, ended - marker.stat().st_mtime
+    causes = [json.loads(storage.get_bytes(os.path.join(tmp_path, "runs", "frozen", "_faults", f)))
+              for f in storage.list_files(os.path.join(tmp_path, "runs", "frozen", "_faults"))]
+    assert any(c["rank"] == 1 and c["kind"] == "stall" for c in causes), causes
+
+
+@pytest.mark.timeout(900)
+def test_full_disk_mid_checkpoint_fails_at_once_and_leaves_no_partial(ray_local, shards, tmp_path, capsys):
+    from ssfer_dist.cli import main
+
+    marker = tmp_path / "enospc.marker"
+    runs = tmp_path / "runs"
+    args = ["run", PRETRAIN]
+    for o in _ov("fulldisk", shards, runs, [
+            "train.max_steps=8", "checkpoint.every_steps=2", "failure.max_failures=1",
+            "debug.fail_at_step=4", "debug.fail_rank=1", "debug.fail_kind=enospc_upload",
+            f"debug.fail_marker={marker}"]):
+        args += ["--set", o]
+    assert main(args) == 2                         # with max_failures: 1 a retry would have finished the run
+    assert marker.exists()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    run = str(runs / "fulldisk")
+    assert last.startswith("ssfer run: error: run fulldisk failed: rank 1: "), last
+    assert f"{run}/checkpoint_00000004/" in last and last.endswith("No space left on device (ENOSPC)"), last
+    names = sorted({f.split("/")[0] for f in storage.list_files(run) if re.match(r"checkpoint_\d+/", f)})
+    assert names == ["checkpoint_00000002"]        # the partial step-4 folder was removed
+    assert ck.latest_complete(run) == os.path.join(run, "checkpoint_00000002")
+    assert ck.is_complete(os.path.join(run, "checkpoint_00000002"))
+    assert not os.path.exists(os.path.join(run, "export"))
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_group_that_cannot_be_placed_fails_in_bounded_time(ray_local, shards, tmp_path):
+    from ssfer_dist.distributed.launch import run_stage
+
+    cfg = load_config(PRETRAIN, _ov("unplaced", shards, tmp_path / "runs", [
+        "scaling.resources_per_worker={ssfer_no_such_accelerator: 1}", "failure.start_timeout_s=10",
+        "failure.max_failures=1"]))
+    t0 = time.time()
+    with pytest.raises(RunFailed, match=r"^run unplaced failed: the worker group could not be placed in time"):
+        run_stage(cfg)
+    assert time.time() - t0 < 3 * 10 + 90                           # 3 attempts of 10 s, then one line
+
+
+# ------------------------------------------------------------------------------ storage outage
+
+
+class _PrivateWeed:
+    """A SeaweedFS S3 server of this test alone (its own port and folder), stoppable and restartable."""
+
+    def __init__(self, tmp_path):
+        import socket
+
+        from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, _weed_binary
+
+        socks = [socket.socket() for _ in range(11)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in socks]
+        for s in socks:
+            s.close()
+        self.port = ports[0]
+        # every port of weed mini set (the session's S3 server uses the defaults)
+        names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                 "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc", "webdav.port"]
+        self.flags = [f"-{n}={p}" for n, p in zip(names, ports)] + ["-s3.port.iceberg=0", "-s3.port.lance=0"]
+        self.dir = str(tmp_path / "weed")
+        os.makedirs(self.dir, exist_ok=True)
+        self.bin = _weed_binary()
+        # the identities it accepts: the shared test one and whatever this process (and so the local Ray's
+        # workers, which inherit it) uses
+        mine = (os.environ.get("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+                os.environ.get("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY))
+        idents = {(S3_ACCESS_KEY, S3_SECRET_KEY), mine}
+        conf = os.path.join(self.dir, "s3.json")
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            json.dump({"identities": [{"name": f"id{i}", "credentials": [{"accessKey": a, "secretKey": k}],
+                                       "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
+                                      for i, (a, k) in enumerate(sorted(idents))]}, f)
+        self.flags.append(f"-s3.config={conf}")
+        self.env = dict(os.environ)
+        self.proc = None
+
+    def start(self, timeout=90):
+        import subprocess
+
+        import boto3
+
+        log = open(os.path.join(self.dir, "weed.log"), "ab")
+        self.proc = subprocess.Popen(
+            [self.bin, "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
+            + self.flags, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        cli = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.port}")
+        while True:
+            try:
+                cli.list_buckets()
+                return
+            except Exception as e:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"private SeaweedFS did not start; see {self.dir}/weed.log") from e
+                time.sleep(0.5)
+
+    def stop(self):
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.mark.timeout(1500)
+def test_a_20s_storage_outage_mid_run_is_absorbed_without_a_restart(ray_local, s3_server, tmp_path, monkeypatch):
+    import threading
+
+    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.train.debugdata import face_images, write_shard_folder
+
+    weed = _PrivateWeed(tmp_path)
+    weed.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{weed.port}")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="outage")
+        shards = write_shard_folder("s3://outage/shards/fr", face_images(128, 32), [-1] * 128, dataset="fr",
+                                    num_classes=0, samples_per_shard=16)
+        run = "s3://outage/runs/o1"
+        cfg = load_config(PRETRAIN, [
+            f"data.shards={shards}", "run.storage=s3://outage/runs", "run.name=o1", "train.zero_stage=2",
+            "train.preview_every=0", "train.log_every=1", "train.max_steps=24", "checkpoint.every_steps=4",
+            "failure.max_failures=0", "run.storage_retry_s=120", "failure.stall_timeout_s=400"])
+        outage = {}
+
+        def cut_storage():
+            deadline = time.time() + 900
+            while time.time() < deadline:            # wait until the run is stepping (step >= 3 logged)
+                try:
+                    lines = storage.get_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()
+                    if lines and json.loads(lines[-1])["step"] >= 3:
+                        break
+                except Exception:
+                    pass
+                time.sleep(1.0)
+            outage["start"] = time.time()
+            weed.stop()
+            time.sleep(20)
+            outage["restart"] = time.time()
+            weed.start()
+            outage["end"] = time.time()
+
+        t = threading.Thread(target=cut_storage, daemon=True)
+        t.start()
+        res = run_stage(cfg)
+        t.join(timeout=120)
+        assert "start" in outage and "end" in outage, outage
+        assert outage["restart"] - outage["start"] >= 20
+        rec = [json.loads(x) for x in storage.get_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()]
+        assert [r["step"] for r in rec] == list(range(1, 25))        # no restart: nothing redone
+        assert not storage.exists(storage.join(run, "metrics_redone.jsonl"))
+        assert rec[-1]["time"] > outage["end"]                       # the run went on after the outage
+        assert storage.exists(res.export_path)
+        done = sorted({f.split("/")[0] for f in storage.list_files(run) if re.match(r"checkpoint_\d+/", f)})
+        assert done and all(ck.is_complete(storage.join(run, d)) for d in done)
+    finally:
+        weed.stop()
+
+
+# ------------------------------------------------------------------------------ two runs, one machine
+
+
+@pytest.mark.timeout(1500)
+def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_path):
+    """Each `ssfer run` starts a local Ray of its own (temp folder, dashboard port, state-API address):
+    both finish, and neither logs Ray's "Found multiple active Ray instances"."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    procs = []
+    for name in ("twin-a", "twin-b"):
+        args = [sys.executable, "-m", "ssfer_dist", "run", PRETRAIN]
+        for o in _ov(name, shards, tmp_path / "runs", ["train.max_steps=4", "checkpoint.every_steps=0",
+                                                       "failure.max_failures=0", "failure.start_timeout_s=300"]):
+            args += ["--set", o]
+        log = open(tmp_path / f"{name}.log", "wb")
+        procs.append((name, subprocess.Popen(args, env=env, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True), log))
+    try:
+        for name, p, _log in procs:
+            assert p.wait(timeout=1300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for _name, p, log in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+            log.close()
+    temp_dirs = set()
+    for name, _p, _log in procs:
+        out = (tmp_path / f"{name}.log").read_text()
+        assert "Found multiple active Ray instances" not in out, name
+        assert os.path.exists(tmp_path / "runs" / name / "export" / "model.safetensors")
+        m = re.search(r"private local Ray in (\S+) ", out)
+        assert m, name
+        temp_dirs.add(m.group(1))
+    assert len(temp_dirs) == 2
+
+
+# ------------------------------------------------------------------------------ multi-node: a node is lost
+
+
+@pytest.mark.timeout(1500)
+def test_a_lost_node_is_replaced_and_the_run_resumes_from_s3(s3_bucket, tmp_path):
+    """Two worker nodes (``ray.cluster_utils.Cluster``), storage and shards on S3 only. The node of one
+    worker is removed once step 6 is visible on S3 (metrics are uploaded with each checkpoint, every 4
+    steps) and a new node joins: the run resumes from the last S3 checkpoint, every step is logged once,
+    and the redone steps saw the same batches (digest equal, loss within 1e-4 relative) as the attempt
+    that was cut."""
+    import subprocess
+    import sys
+
+    from ssfer_dist.train.debugdata import face_images, write_shard_folder
+
+    shards = write_shard_folder(f"{s3_bucket}/shards/fr", face_images(128, 32), [-1] * 128, dataset="fr",
+                                num_classes=0, samples_per_shard=16)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    steps = 24
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multinode_node_loss.py"), PRETRAIN, shards,
+                          f"{s3_bucket}/runs", "lost-node", "--steps", str(steps), "--every", "4", "--cut-after", "6"],
+                         env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=1400)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "removed_at" in info and "replaced_at" in info, info
+    resumed = {int(m) for m in re.findall(r"resumed at step (\d+)", out.stderr)}
+    assert len(resumed) == 1 and next(iter(resumed)) % 4 == 0 and next(iter(resumed)) >= 4, resumed
+    start = next(iter(resumed))
+    run = info["run"]
+    rec = [json.loads(x) for x in storage.get_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()]
+    assert [r["step"] for r in rec] == list(range(1, steps + 1))
+    redone_url = storage.join(run, "metrics_redone.jsonl")
+    redone = [json.loads(x) for x in storage.get_bytes(redone_url).decode().splitlines()] \
+        if storage.exists(redone_url) else []
+    by_step = {r["step"]: r for r in rec}
+    assert all(r["step"] > start for r in redone)                 # resumed from that S3 checkpoint
+    for r in redone:
+        assert by_step[r["step"]]["batch_digest"] == r["batch_digest"], r["step"]
+        assert by_step[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-5)
+    assert storage.exists(info["export"])
+    done = sorted({f.split("/")[0] for f in storage.list_files(run) if re.match(r"checkpoint_\d+/", f)})
+    assert done and all(ck.is_complete(storage.join(run, d)) for d in done)
