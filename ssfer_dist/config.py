@@ -79,6 +79,7 @@ class ModelCfg:
     # classifier
     global_pool: Literal["token", "avg"] = "token"
     drop_path: float = 0.1
+    grad_checkpointing: bool = False  # activation checkpointing of the ViT/MAE blocks (memory for compute)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class DataCfg:
     crop_scale: Tuple[float, float] = (0.2, 1.0)      # RandomResizedCrop area fraction range
     crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range
     steps_per_epoch: Optional[int] = None   # default: manifest samples // global batch
+    pin_memory: Optional[bool] = None # pinned batches, asynchronous copies to the GPU (null: on with CUDA)
     max_member_bytes: int = 64 * 1024 * 1024   # tar members over this are refused (counted corrupt), never loaded
 
 
@@ -122,6 +124,7 @@ class OptimCfg:
     layer_decay: Optional[float] = None   # classifier only (e.g. 0.65)
     warmup_steps: Optional[int] = None
     warmup_epochs: float = 0.0        # used when warmup_steps is not set
+    fused: Optional[bool] = None      # fused AdamW kernel (null: on with CUDA)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ class TrainCfg:
     log_every: int = 10
     preview_every: int = 0            # MAE reconstruction PNGs every N steps (0: off)
     tensorboard: bool = True
+    tf32: bool = True                 # TF32 for fp32 matmuls/convolutions on CUDA
+    compile: Optional[bool] = None    # torch.compile of the model (null: on with CUDA and ZeRO 0-2)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from ssfer_dist import storage
 from ssfer_dist.config import load_config
@@ -217,6 +218,9 @@ def test_bad_inputs_fail_before_any_worker(shards, tmp_path, s3_server, monkeypa
 
         preflight(load_config(os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"), [f"data.shards={broken}"]))
     assert main(base + ["--set", f"data.shards={broken}"]) == 2
+    # GPUs asked for on a machine without CUDA (a local run): one error, no worker
+    if not torch.cuda.is_available():
+        assert main(base + ["--set", f"data.shards={shards['fr']}", "--set", "scaling.use_gpu=true"]) == 2
     # FlexMatch over more unlabeled samples than its dense per-sample state allows
     import ssfer_dist.stages.semisup as semisup_stage
 

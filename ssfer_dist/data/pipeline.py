@@ -484,11 +484,12 @@ def _collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    """A DataLoader over a ShardStream: ``num_workers`` processes (= the stream's lanes) or in-process (0)."""
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over a ShardStream: ``num_workers`` processes (= the stream's lanes) or in-process (0).
+    ``pin_memory``: batches land in pinned host memory (a CUDA worker's copies to the GPU are then async)."""
     if max(1, num_workers) != stream.num_lanes:
         raise ValueError(f"num_workers={num_workers} but the stream has {stream.num_lanes} lanes")
     if num_workers == 0:
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=pin_memory)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=2,
-                      multiprocessing_context="fork", persistent_workers=False)
+                      multiprocessing_context="fork", persistent_workers=False, pin_memory=pin_memory)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,9 +34,23 @@ def normalize_on_device(x: torch.Tensor, mean: Optional[Sequence[float]] = FACE_
     """
     mean = FACE_MEAN if mean is None else mean
     std = FACE_STD if std is None else std
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(3, 1, 1)
+    m, s = _norm_consts(x.device, tuple(float(v) for v in mean), tuple(float(v) for v in std))
     return ((x.float() / 255.0 - m) / s).to(dtype)
+
+
+_NORM_CACHE: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_consts(device: torch.device, mean: Tuple[float, ...], std: Tuple[float, ...]):
+    """mean/std as [3, 1, 1] tensors on ``device``, made once per device: a host-to-device copy every step
+    would synchronise the host with the GPU each time."""
+    key = (str(device), mean, std)
+    out = _NORM_CACHE.get(key)
+    if out is None:
+        out = (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1).to(device),
+               torch.tensor(std, dtype=torch.float32).view(3, 1, 1).to(device))
+        _NORM_CACHE[key] = out
+    return out
 
 
 def to_tensor(img: Image.Image, uint8: bool = False) -> torch.Tensor:

@@ -53,13 +53,16 @@ def ds_config(train: TrainCfg, batch_size_per_rank: int, global_batch: int) -> D
     return cfg
 
 
-def build_optimizer(groups: List[Dict[str, Any]], optim: OptimCfg, lr: float) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW`` over ``groups`` (each may carry ``lr_scale``)."""
+def build_optimizer(groups: List[Dict[str, Any]], optim: OptimCfg, lr: float,
+                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` over ``groups`` (each may carry ``lr_scale``); ``fused`` picks the fused kernel
+    (one launch for all parameters; None: torch's default, the multi-tensor ``foreach`` kernel)."""
     for g in groups:
         g.setdefault("lr_scale", 1.0)
         g["lr"] = lr * g["lr_scale"]
+    kw: Dict[str, Any] = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay)
+                             weight_decay=optim.weight_decay, **kw)
 
 
 @contextlib.contextmanager

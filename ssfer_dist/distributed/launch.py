@@ -37,7 +37,7 @@ __all__ = ["RunResult", "run_stage", "run_from_cli", "pipeline_from_cli", "prefl
 # Credentials are never forwarded (see ssfer_dist/worker_env.py): workers read them from their own process
 # environment (a local Ray inherits the driver's; KubeRay pods read the ssfer-s3 Secret).
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
-               "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
+               "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "SSFER_COMM_GUARD")
 
 
 @dataclasses.dataclass
@@ -146,7 +146,31 @@ def dry_run_text(cfg: Config, source: str) -> str:
     if cfg.optim.lr is None:
         lines.append(f"# effective_lr = base_lr {cfg.optim.base_lr:g} x {d['global_batch']} / 256"
                      f" = {d['effective_lr']:g}")
+    lines += ["", "# fast path on this machine (each worker resolves the automatic switches on its own device)"]
+    lines += fast_path_lines(cfg)
     return "\n".join(lines) + "\n" + note
+
+
+def local_device(cfg: Config) -> str:
+    """The device type a worker on this machine would train on."""
+    import torch
+
+    return "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def fast_path_lines(cfg: Config) -> List[str]:
+    from ssfer_dist.train import fastpath
+    from ssfer_dist.typed import ConfigError
+
+    dev = local_device(cfg)
+    try:
+        lines = fastpath.describe(fastpath.resolve(cfg, dev))
+    except ConfigError as e:
+        return [f"# error on this machine: {e}"]
+    if cfg.scaling.use_gpu and dev == "cpu":
+        lines.append("# scaling.use_gpu: true but this machine has no CUDA: on CUDA workers the automatic switches "
+                     "(null) turn on data.pin_memory, optim.fused, train.compile (ZeRO 0-2), and train.tf32 applies")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ ray
@@ -229,6 +253,67 @@ def _storage_args(url: str, retry_s: float = 120.0) -> Dict[str, Any]:
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
 
+def on_cluster() -> bool:
+    """``RAY_ADDRESS`` names a cluster (``local`` asks Ray for a new local instance: this machine)."""
+    return os.environ.get("RAY_ADDRESS", "") not in ("", "local")
+
+
+def gpus_needed(cfg: Config) -> float:
+    sc = cfg.scaling
+    return sc.num_workers * float(sc.gpus_per_worker or 1.0) if sc.use_gpu else 0.0
+
+
+def check_gpus_local(cfg: Config) -> None:
+    """``scaling.use_gpu`` on a local run (no ``RAY_ADDRESS``, no Ray started by the caller): this machine
+    must have the GPUs, else one clear error before any worker starts (Ray would wait for them forever).
+    A CPU-only head driving GPU workers of a cluster is fine: that is checked by :func:`check_gpus_cluster`."""
+    need = gpus_needed(cfg)
+    if not need or on_cluster():
+        return
+    import ray
+
+    if ray.is_initialized():           # a Ray this process started: its resources are this machine's
+        return check_gpus_cluster(cfg)
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise UserError("scaling.use_gpu: true, but this machine has no CUDA GPU (torch.cuda.is_available() is "
+                        "False) and no Ray cluster is given (RAY_ADDRESS); set scaling.use_gpu: false to train on "
+                        "the CPU, or submit the run to a GPU cluster")
+    if have < need:
+        raise UserError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers x {cfg.scaling.gpus_per_worker or 1.0:g} "
+                        f"GPU need {need:g} GPUs, this machine has {have}; lower scaling.num_workers")
+
+
+def check_fast_path_local(cfg: Config) -> None:
+    """On a local run the workers share this machine: an explicit ``train.compile: true`` without a compiler
+    fails here, before any worker starts (on a cluster each worker checks its own machine)."""
+    if on_cluster():
+        return
+    from ssfer_dist.train import fastpath
+
+    fastpath.resolve(cfg, local_device(cfg))
+
+
+def check_gpus_cluster(cfg: Config) -> None:
+    """Connected to Ray: a cluster without any GPU fails fast unless it can still add GPU nodes.
+    An in-process local Ray (no ``RAY_ADDRESS``) must hold the GPUs now; a remote cluster may autoscale
+    GPU groups from zero nodes, so there it is a warning."""
+    need = gpus_needed(cfg)
+    if not need:
+        return
+    import ray
+
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have >= need:
+        return
+    msg = (f"scaling.use_gpu: the run needs {need:g} GPUs, the Ray cluster has {have:g} now")
+    if not on_cluster():
+        raise UserError(msg + "; set scaling.use_gpu: false or start Ray with GPUs")
+    log.warning("%s: waiting for the autoscaler to add GPU nodes", msg)
+
+
 def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None, label: Optional[str] = None) -> RunResult:
     """Run one stage to its final step on Ray (resuming from the run's latest checkpoint if any).
     ``label`` tags its progress lines (default: the stage name). Every line of the run (ours, Ray's, the
@@ -237,6 +322,8 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None, label: Optional[st
 
     cfg = absolute_paths(cfg)          # configs built in code (from_dict) may hold relative paths
     storage.set_retry_budget(cfg.run.storage_retry_s)
+    check_gpus_local(cfg)              # before the pre-flight writes anything or any worker starts
+    check_fast_path_local(cfg)
     if plan is None:
         plan = preflight(cfg)
     with console.log_file(plan.run_url) as log_path:
@@ -248,6 +335,7 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
     log.info("[%s] run %s (%s): %d workers, %d steps, global batch %d, lr %.3g → %s", label, cfg.run.name,
              cfg.train.stage, sc.num_workers, plan.total_steps, plan.global_batch, plan.effective_lr, plan.run_url)
     ensure_ray(cfg)
+    check_gpus_cluster(cfg)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -337,6 +425,8 @@ def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False) 
     if dry_run:
         sys.stdout.write(dry_run_text(cfg, config_path))
         return 0
+    check_gpus_local(cfg)              # the machine first: nothing is read or written when it cannot run
+    check_fast_path_local(cfg)
     plan = preflight(cfg)
     result = run_stage(cfg, plan)
     print(json.dumps({"run": result.run_url, "export": result.export_path,

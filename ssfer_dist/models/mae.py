@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 
 from ssfer_dist.errors import UserError
@@ -83,7 +84,20 @@ class MAE(nn.Module):
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * 3, bias=True)
+        self.grad_checkpointing = False
         self.initialize_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the encoder and decoder blocks (timm's ``checkpoint_seq``, as timm's
+        ``VisionTransformer.set_grad_checkpointing``): blocks recompute their activations in backward."""
+        self.grad_checkpointing = bool(enable)
+
+    def _run_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_seq(blocks, x)
+        for blk in blocks:
+            x = blk(x)
+        return x
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
@@ -156,8 +170,7 @@ class MAE(nn.Module):
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)                              # [N, 1+K, D]
-        for blk in self.blocks:
-            x = blk(x)
+        x = self._run_blocks(self.blocks, x)
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -167,8 +180,7 @@ class MAE(nn.Module):
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)           # [N, L, Dd] (shuffled order)
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_pred(self.decoder_norm(x))                 # [N, 1+L, p*p*3]
         return x[:, 1:, :]
 

@@ -5,6 +5,10 @@ Every policy is called on the teacher's class probabilities for an unlabeled bat
 that sums a tensor over all ranks *in place* and returns it (e.g. ``lambda t: (dist.all_reduce(t), t)[1]``);
 ``None`` means a single process. This module never imports torch.distributed.
 
+State lives on the device of the probabilities the policy is called with (moved there on the first call)
+and no policy reads a device value to the host: a training step with any policy costs no host sync.
+``state_dict`` returns CPU copies (it runs at checkpoints).
+
 - :class:`FixedThreshold`    max p >= tau (SSFER: 0.7).
 - :class:`DTMThreshold`      per-class tau_c, start 0.8; each round p_c = mean max-prob of correctly
                              predicted labeled samples of class c; tau_c <- 0.9 tau_c + 0.1 p_c if p_c >= 0.8
@@ -35,9 +39,20 @@ class ThresholdPolicy:
     num_views = 1
     needs_labeled = False
 
+    _state: Tuple[str, ...] = ()      # tensor attributes that follow the policy to its device
+
     def __init__(self, num_classes: int, all_reduce: Optional[AllReduce] = None):
         self.num_classes = int(num_classes)
         self.all_reduce: AllReduce = all_reduce or _identity
+        self.device = torch.device("cpu")
+
+    def _on(self, device: torch.device) -> None:
+        """Move the policy's state tensors to ``device`` (once; a no-op afterwards)."""
+        if device == self.device:
+            return
+        for name in self._state:
+            setattr(self, name, getattr(self, name).to(device))
+        self.device = device
 
     def __call__(self, probs: torch.Tensor, step: int = 0, sample_ids: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +84,12 @@ class FixedThreshold(ThresholdPolicy):
 
     @torch.no_grad()
     def __call__(self, probs, step=0, sample_ids=None):
+        self._on(probs.device)
         maxp, pseudo = probs.float().max(dim=-1)
         return (maxp >= self.tau).float(), pseudo
 
     def class_thresholds(self):
-        return torch.full((self.num_classes,), self.tau)
+        return torch.full((self.num_classes,), self.tau, device=self.device)
 
     def state_dict(self):
         return {"tau": self.tau}
@@ -86,6 +102,7 @@ class DTMThreshold(ThresholdPolicy):
     name = "dtm"
     num_views = 2
     needs_labeled = True
+    _state = ("tau", "_sum", "_count")
 
     def __init__(self, num_classes: int, tau0: float = 0.8, momentum: float = 0.9, floor: Optional[float] = None,
                  all_reduce: Optional[AllReduce] = None):
@@ -96,27 +113,25 @@ class DTMThreshold(ThresholdPolicy):
         self.tau = torch.full((num_classes,), self.tau0, dtype=torch.float64)
         self._sum = torch.zeros(num_classes, dtype=torch.float64)   # sum of max prob, correct samples, per class
         self._count = torch.zeros(num_classes, dtype=torch.float64)
-        self._device = torch.device("cpu")  # where the round's reduction runs (NCCL needs device tensors)
 
     @torch.no_grad()
     def __call__(self, probs, step=0, sample_ids=None):
-        self._device = probs.device
+        self._on(probs.device)
         maxp, pseudo = probs.float().max(dim=-1)
-        tau = self.tau.to(device=probs.device, dtype=torch.float32)
-        return (maxp >= tau[pseudo]).float(), pseudo
+        return (maxp >= self.tau.float()[pseudo]).float(), pseudo
 
     @torch.no_grad()
     def observe_labeled(self, probs, labels):
-        self._device = probs.device
+        self._on(probs.device)
         maxp, pred = probs.float().max(dim=-1)
-        ok = pred == labels.to(pred.device)
-        cls = labels[ok].long().cpu()
-        self._sum.index_add_(0, cls, maxp[ok].double().cpu())
-        self._count.index_add_(0, cls, torch.ones_like(cls, dtype=torch.float64))
+        cls = labels.to(pred.device).long()
+        ok = (pred == cls).double()                  # wrong predictions add 0: no boolean indexing, no sync
+        self._sum.index_add_(0, cls, maxp.double() * ok)
+        self._count.index_add_(0, cls, ok)
 
     @torch.no_grad()
     def end_round(self):
-        stats = self.all_reduce(torch.stack([self._sum, self._count]).to(self._device)).cpu()
+        stats = self.all_reduce(torch.stack([self._sum, self._count]))
         s, n = stats[0], stats[1]
         pbar = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
         upd = self.momentum * self.tau + (1 - self.momentum) * pbar
@@ -128,16 +143,17 @@ class DTMThreshold(ThresholdPolicy):
         return self.tau.float().clone()
 
     def state_dict(self):
-        return {"tau": self.tau.clone(), "sum": self._sum.clone(), "count": self._count.clone()}
+        return {"tau": self.tau.cpu().clone(), "sum": self._sum.cpu().clone(), "count": self._count.cpu().clone()}
 
     def load_state_dict(self, state):
-        self.tau = state["tau"].to(torch.float64).clone()
-        self._sum = state["sum"].to(torch.float64).clone()
-        self._count = state["count"].to(torch.float64).clone()
+        self.tau = state["tau"].to(self.device, torch.float64).clone()
+        self._sum = state["sum"].to(self.device, torch.float64).clone()
+        self._count = state["count"].to(self.device, torch.float64).clone()
 
 
 class FreeMatchThreshold(ThresholdPolicy):
     name = "freematch"
+    _state = ("p_model", "time_p")
 
     def __init__(self, num_classes: int, momentum: float = 0.999, all_reduce: Optional[AllReduce] = None):
         super().__init__(num_classes, all_reduce)
@@ -147,27 +163,28 @@ class FreeMatchThreshold(ThresholdPolicy):
 
     @torch.no_grad()
     def __call__(self, probs, step=0, sample_ids=None):
+        self._on(probs.device)
         probs = probs.float()
         maxp, pseudo = probs.max(dim=-1)
         # one collective: [sum max p, sum p (C), count]
         stats = torch.cat([maxp.sum().view(1), probs.sum(dim=0),
-                           torch.tensor([probs.shape[0]], dtype=probs.dtype, device=probs.device)])
-        stats = self.all_reduce(stats).double().cpu()
+                           torch.full((1,), probs.shape[0], dtype=probs.dtype, device=probs.device)])
+        stats = self.all_reduce(stats).double()
         n = stats[-1].clamp(min=1)
         self.time_p = self.m * self.time_p + (1 - self.m) * stats[0] / n
         self.p_model = self.m * self.p_model + (1 - self.m) * stats[1:-1] / n
-        thr = self.class_thresholds().to(device=probs.device)
+        thr = self.class_thresholds()
         return (maxp >= thr[pseudo]).float(), pseudo
 
     def class_thresholds(self):
         return (self.time_p * self.p_model / self.p_model.max()).float()
 
     def state_dict(self):
-        return {"p_model": self.p_model.clone(), "time_p": self.time_p.clone()}
+        return {"p_model": self.p_model.cpu().clone(), "time_p": self.time_p.cpu().clone()}
 
     def load_state_dict(self, state):
-        self.p_model = state["p_model"].to(torch.float64).clone()
-        self.time_p = state["time_p"].to(torch.float64).clone()
+        self.p_model = state["p_model"].to(self.device, torch.float64).clone()
+        self.time_p = state["time_p"].to(self.device, torch.float64).clone()
 
 
 class FlexMatchThreshold(ThresholdPolicy):
@@ -175,6 +192,7 @@ class FlexMatchThreshold(ThresholdPolicy):
     index such as the manifest row. Cross-rank updates are exchanged as two dense [num_samples] vectors."""
 
     name = "flexmatch"
+    _state = ("selected", "acc")
 
     def __init__(self, num_classes: int, num_samples: int, tau: float = 0.95, warmup: bool = True,
                  all_reduce: Optional[AllReduce] = None):
@@ -184,26 +202,28 @@ class FlexMatchThreshold(ThresholdPolicy):
         self.acc = torch.zeros(num_classes, dtype=torch.float64)
 
     def _update_acc(self) -> None:
-        counts = torch.bincount(self.selected + 1, minlength=self.num_classes + 1).double()
-        if counts.max() < self.num_samples:
-            denom = counts.max() if self.warmup else counts[1:].max()
-            self.acc = counts[1:] / denom.clamp(min=1)
+        # counts of (unused, class 0, ..., class C-1) by scatter-add (bincount sizes its output on the host)
+        counts = torch.zeros(self.num_classes + 1, dtype=torch.float64, device=self.selected.device)
+        counts.index_add_(0, self.selected + 1, torch.ones_like(self.selected, dtype=torch.float64))
+        denom = counts.max() if self.warmup else counts[1:].max()
+        self.acc = torch.where(counts.max() < self.num_samples, counts[1:] / denom.clamp(min=1), self.acc)
 
     @torch.no_grad()
     def __call__(self, probs, step=0, sample_ids=None):
         if sample_ids is None:
             raise ValueError("FlexMatchThreshold needs sample_ids (a stable per-sample index)")
+        self._on(probs.device)
         maxp, pseudo = probs.float().max(dim=-1)
-        acc = self.acc.to(device=probs.device, dtype=torch.float32)[pseudo]
+        acc = self.acc.float()[pseudo]
         mask = (maxp >= self.tau * acc / (2.0 - acc)).float()
-        sel = (maxp >= self.tau).cpu()
-        ids = sample_ids.long().cpu()
-        upd = torch.zeros(2, self.num_samples, dtype=torch.float32)  # sums of (label + 1) and counts: exact
-        upd[0, ids[sel]] = pseudo.cpu()[sel].float() + 1
-        upd[1, ids[sel]] = 1
-        upd = self.all_reduce(upd.to(probs.device)).cpu()
+        sel = (maxp >= self.tau).float()
+        ids = sample_ids.to(probs.device).long()
+        upd = torch.zeros(2, self.num_samples, dtype=torch.float32, device=probs.device)  # sums of (label+1), counts
+        upd[0].index_add_(0, ids, (pseudo.float() + 1) * sel)
+        upd[1].index_add_(0, ids, sel)
+        upd = self.all_reduce(upd)
         hit = upd[1] > 0
-        self.selected[hit] = (upd[0, hit] / upd[1, hit]).round().long() - 1
+        self.selected = torch.where(hit, (upd[0] / upd[1].clamp(min=1)).round().long() - 1, self.selected)
         self._update_acc()
         return mask, pseudo
 
@@ -211,11 +231,11 @@ class FlexMatchThreshold(ThresholdPolicy):
         return (self.tau * self.acc / (2.0 - self.acc)).float()
 
     def state_dict(self):
-        return {"selected": self.selected.clone(), "acc": self.acc.clone()}
+        return {"selected": self.selected.cpu().clone(), "acc": self.acc.cpu().clone()}
 
     def load_state_dict(self, state):
-        self.selected = state["selected"].long().clone()
-        self.acc = state["acc"].to(torch.float64).clone()
+        self.selected = state["selected"].to(self.device).long().clone()
+        self.acc = state["acc"].to(self.device, torch.float64).clone()
 
 
 def build_threshold(kind: str, num_classes: int, all_reduce: Optional[AllReduce] = None, **kw) -> ThresholdPolicy:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ssfer_dist.data.pipeline import Source, StreamSpec, View
+from ssfer_dist.distributed import collectives
 from ssfer_dist.distributed.engine import engine_dtype
 from ssfer_dist.errors import UserError
 from ssfer_dist.stages.base import Stage, StageConfigs, Views, build_classifier_for
@@ -17,12 +18,6 @@ from ssfer_dist.train.plan import LaunchPlan
 
 # FlexMatch all-reduces two dense float32 vectors over the unlabeled set every step (16 MB at 2 M)
 MAX_FLEXMATCH_SAMPLES = 2_000_000
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t
 
 
 class SemiSupStage(Stage):
@@ -70,7 +65,7 @@ class SemiSupStage(Stage):
                               "freematch": {"momentum": th.freematch_momentum},
                               "flexmatch": {"num_samples": int(plan.num_unlabeled), "tau": th.flexmatch_tau,
                                             "warmup": th.flexmatch_warmup}}[th.kind]
-        threshold = build_threshold(th.kind, plan.num_classes, all_reduce=_all_reduce_sum, **kw)
+        threshold = build_threshold(th.kind, plan.num_classes, all_reduce=collectives.all_reduce_sum, **kw)
         teacher = EMATeacher(model, decay=s.ema_decay, device=device)
         task = SemiSupervised(model, teacher, threshold, plan.num_classes, lambda_u=s.lambda_u, mu=sub.data.mu,
                               smoothing=s.label_smoothing, round_steps=th.dtm_every if th.kind == "dtm" else 0,

@@ -1,6 +1,7 @@
 """The Task protocol every stage's task follows, and a base class with its no-op defaults.
 
-A task owns its models' forward pass: ``task(batch, step) -> {"loss": scalar tensor, metric: ...}``. The
+A task owns its models' forward pass: ``task(batch, step) -> {"loss": scalar tensor, metric: 0-d tensor}``
+(metrics detached, on the device, NaN when undefined; never read to the host inside the step). The
 loop owns backward and the optimizer step, then calls ``after_step`` (EMA teacher, threshold rounds).
 ``state_dict`` / ``load_state_dict`` carry the task's state beyond the trained module (tensors and plain
 values; empty for stateless tasks) through checkpoints. Pure torch: no ray, deepspeed or torch.distributed.

@@ -16,7 +16,13 @@ def prepare_images(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torc
     return x if dtype is None else x.to(dtype)
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy as a detached 0-d tensor on the logits' device (NaN for an empty batch): no host sync."""
     if labels.numel() == 0:
-        return 0.0
-    return (logits.argmax(dim=-1) == labels).float().mean().item()
+        return torch.full((), float("nan"), device=logits.device)
+    return (logits.detach().argmax(dim=-1) == labels.to(logits.device)).float().mean()
+
+
+def const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d float tensor on ``like``'s device holding a host number (a fill kernel, not a host-to-device copy)."""
+    return torch.full((), float(value), device=like.device)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ssfer_dist.data.facemix import facemix, facemix_loss
 from ssfer_dist.tasks.base import TaskBase
-from ssfer_dist.tasks.common import accuracy, prepare_images
+from ssfer_dist.tasks.common import accuracy, const, prepare_images
 
 
 class FaceMixFinetune(TaskBase):
@@ -35,12 +35,12 @@ class FaceMixFinetune(TaskBase):
         if rng.random() >= self.facemix_prob:
             logits = self.model(x)
             loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.smoothing)
-            return {"loss": loss, "loss_mix": 0.0, "loss_real": loss.item(), "acc": accuracy(logits, y),
-                    "iou": 0.0, "lam": 1.0}
+            return {"loss": loss, "loss_mix": const(0.0, loss), "loss_real": loss.detach(),
+                    "acc": accuracy(logits, y), "iou": const(0.0, loss), "lam": const(1.0, loss)}
         mix = facemix(x, y, batch["box"], self.num_classes, self.alpha, self.pairing, self.smoothing, rng=rng)
         n = x.shape[0]
         logits = self.model(torch.cat([mix.images, x], dim=0))
         logits_mixed, logits_real = logits[:n], logits[n:]
         out = facemix_loss(logits_mixed, logits_real, mix)
-        return {"loss": out["loss"], "loss_mix": out["loss_mix"].item(), "loss_real": out["loss_real"].item(),
-                "acc": accuracy(logits_real, y), "iou": mix.iou.mean().item(), "lam": mix.lam}
+        return {"loss": out["loss"], "loss_mix": out["loss_mix"].detach(), "loss_real": out["loss_real"].detach(),
+                "acc": accuracy(logits_real, y), "iou": mix.iou.detach().mean(), "lam": const(mix.lam, out["loss"])}

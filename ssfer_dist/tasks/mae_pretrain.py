@@ -29,12 +29,15 @@ class MAEPretrain(TaskBase):
         p = _patch_size(self.model)
         n, length = x.shape[0], (x.shape[-2] // p) * (x.shape[-1] // p)
         g = torch.Generator().manual_seed((self.noise_seed * 1_000_003 + step) * 4099 + self.rank)
-        return torch.rand(n, length, generator=g).to(x.device)
+        noise = torch.rand(n, length, generator=g)      # on the host: the same masks on every device type
+        if x.device.type == "cuda":                     # pinned -> an asynchronous copy, no stall
+            return noise.pin_memory().to(x.device, non_blocking=True)
+        return noise.to(x.device)
 
     def __call__(self, batch: Dict[str, torch.Tensor], step: int) -> Dict:
         x = prepare_images(batch["image"], self.input_dtype)
         loss, _pred, mask = self.model(x, mask_ratio=self.mask_ratio, noise=self._noise(x, step))
-        return {"loss": loss, "mask_ratio": mask.float().mean().item()}
+        return {"loss": loss, "mask_ratio": mask.detach().float().mean()}
 
 
 def _patch_size(model: nn.Module) -> int:

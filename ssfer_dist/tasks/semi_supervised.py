@@ -64,18 +64,21 @@ class SemiSupervised(TaskBase):
         logits_x, logits_s = logits[:n].float(), logits[n:].float()
         loss_x = F.cross_entropy(logits_x, y, label_smoothing=self.smoothing)
         loss_u = (F.cross_entropy(logits_s, pseudo.to(logits_s.device), reduction="none") * mask).mean()
-        out = {"loss": loss_x + self.lambda_u * loss_u, "loss_x": loss_x.item(), "loss_u": loss_u.item(),
-               "acc_x": accuracy(logits_x, y), "mask_rate": mask.mean().item(),
-               "teacher_conf": probs.max(dim=-1).values.mean().item(),
-               "tau_mean": self.threshold.class_thresholds().mean().item()}
+        dev = logits_x.device
+        out = {"loss": loss_x + self.lambda_u * loss_u, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+               "acc_x": accuracy(logits_x, y), "mask_rate": mask.mean(),
+               "teacher_conf": probs.max(dim=-1).values.mean(),
+               "tau_mean": self.threshold.class_thresholds().mean().to(dev)}
         ul = batch.get("u_label")
-        if ul is not None:
+        if ul is not None:                # pseudo-label accuracy on samples with a known label (NaN: none)
+            ul = ul.to(pseudo.device)
             known = ul >= 0
-            if known.any():
-                hit = (pseudo == ul.to(pseudo.device)) & known
-                out["pseudo_acc"] = (hit.sum() / known.sum()).item()
-                kept = known & (mask > 0)
-                out["pseudo_acc_masked"] = (hit & kept).sum().item() / max(1, int(kept.sum().item()))
+            hit = (pseudo == ul) & known
+            n_known = known.sum()
+            kept = known & (mask > 0)
+            nan = torch.full((), float("nan"), device=pseudo.device)
+            out["pseudo_acc"] = torch.where(n_known > 0, hit.sum() / n_known.clamp(min=1), nan)
+            out["pseudo_acc_masked"] = torch.where(n_known > 0, (hit & kept).sum() / kept.sum().clamp(min=1), nan)
         return out
 
     def after_step(self, step: int, gather_ctx: Optional[GatherCtx] = None) -> Dict:

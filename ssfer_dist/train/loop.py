@@ -13,9 +13,8 @@ import os
 import random
 import tempfile
 import time
-import zlib
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from ssfer_dist import storage
 from ssfer_dist.config import DebugCfg, from_dict
 from ssfer_dist.console import worker_logging
 from ssfer_dist.distributed import checkpoint as ckpt_mod
-from ssfer_dist.distributed import faults
+from ssfer_dist.distributed import collectives, faults
 from ssfer_dist.distributed.engine import (
     build_engine,
     build_optimizer,
@@ -35,9 +34,11 @@ from ssfer_dist.distributed.engine import (
 )
 from ssfer_dist.stages import get_stage
 from ssfer_dist.stages.base import StageConfigs
+from ssfer_dist.train import fastpath
 from ssfer_dist.train.plan import LaunchPlan
 from ssfer_dist.train.schedule import warmup_cosine
 from ssfer_dist.train.state import TrainState
+from ssfer_dist.train.step import DeviceMetrics, train_step
 from ssfer_dist.worker_env import check_s3_credentials
 
 log = logging.getLogger(__name__)
@@ -75,44 +76,6 @@ def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
         while True:
             time.sleep(3600)
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
-
-
-def _prepare(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    """Drop loader bookkeeping, move tensors to the device. Images stay as shipped (uint8 or float):
-    the tasks normalise on device and cast to the engine dtype themselves."""
-    out = {}
-    for k, v in batch.items():
-        if k.startswith("__"):
-            continue
-        out[k] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-    return out
-
-
-def _scalar(v: Any) -> Optional[float]:
-    if isinstance(v, torch.Tensor):
-        return float(v.detach().float().mean().item()) if v.numel() else None
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    return None
-
-
-def _reduce_mean(values: Dict[str, float]) -> Dict[str, float]:
-    """Average metrics over ranks (gloo all-reduce)."""
-    if not torch.distributed.is_initialized() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    t /= torch.distributed.get_world_size()
-    return {k: float(x) for k, x in zip(keys, t.tolist())}
-
-
-def _sum_int(v: int) -> int:
-    if not torch.distributed.is_initialized():
-        return v
-    t = torch.tensor([v], dtype=torch.long)
-    torch.distributed.all_reduce(t)
-    return int(t.item())
 
 
 def train_loop_per_worker(payload: Dict[str, Any]) -> None:
@@ -165,6 +128,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
         check_s3_credentials(f"run {plan.run_url}")
     if plan.register_s3:
         storage.register_webdataset_s3()
+    collectives.maybe_install_guard()           # test-only (SSFER_COMM_GUARD=1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     worker_logging(rank)                          # rank 0's lines reach the console; the rest the log file
@@ -174,6 +138,10 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    fast = fastpath.resolve(cfg, device.type)   # this worker's device decides the automatic switches
+    fastpath.apply_backend_flags(fast)
+    if rank == 0:
+        log.info("fast path: %s", "; ".join(fastpath.describe(fast)))
 
     total = plan.total_steps
     ga = plan.grad_accum
@@ -182,8 +150,9 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     if world != plan.num_ranks:
         raise RuntimeError(f"the launch plan is for {plan.num_ranks} ranks, Ray started {world}")
     task, trainable = stage.build_task(sub, plan, device)
+    fastpath.apply_to_model(fast, trainable)    # grad checkpointing, torch.compile (in place: names kept)
     groups = stage.param_groups(sub, trainable)
-    optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr)
+    optimizer = build_optimizer(groups, cfg.optim, plan.effective_lr, fused=fast.fused)
     watchdog.beat("DeepSpeed initialisation")
     engine = build_engine(trainable, optimizer, ds_config(cfg.train, plan.batch_size_per_rank, plan.global_batch))
     gather = gather_ctx(cfg.train.zero_stage)
@@ -219,47 +188,24 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
                                                    interpolation=d.interpolation),
                          max_member_bytes=d.max_member_bytes)
     device_aug = stage.device_augment(sub, plan, rank)    # mae/weak geometry on this device (augment_on)
-    batches = iter(make_loader(stream, cfg.data.num_loader_workers))
+    batches = iter(make_loader(stream, cfg.data.num_loader_workers, pin_memory=fast.pin_memory))
 
     global_batch = plan.global_batch
     corrupt_by_lane: Dict[int, int] = {}
     corrupt_base = state.corrupt_samples
     t_last, step_last = time.time(), state.step
-    window: Dict[str, float] = {}
-    n_window = 0
+    metrics = DeviceMetrics(device)             # summed on the device, read once per log step
     engine.train()
     while state.step < total:
         lr = warmup_cosine(state.step, total, plan.effective_lr, plan.warmup_steps, cfg.optim.min_lr)
         set_lr(optimizer, lr)
-        step_metrics: Dict[str, float] = {}
-        keys_digest = 0
-        for _ in range(ga):
-            watchdog.beat(f"step {state.step + 1}: waiting for a batch")
-            raw = next(batches)
-            watchdog.beat(f"step {state.step + 1}: forward/backward (collectives)")
-            lane, count = (int(x) for x in raw["__corrupt__"].tolist())
-            corrupt_by_lane[lane] = count
-            keys_digest = zlib.crc32("|".join(raw.get("__key__", [])).encode(), keys_digest)
-            batch = _prepare(raw, device)
-            if device_aug is not None:
-                batch = device_aug(batch, int(raw["__index__"]), device)
-            out = task(batch, state.step)
-            loss = out["loss"]
-            engine.backward(loss)
-            engine.step()
-            for k, v in out.items():
-                s = _scalar(v)
-                if s is not None:
-                    step_metrics[k] = step_metrics.get(k, 0.0) + s / ga
-        task.after_step(state.step, gather)
+        keys_digest, batch = train_step(task, engine, batches, ga, state.step, device, metrics, corrupt_by_lane,
+                                        gather, device_aug=device_aug, beat=watchdog.beat)
         _maybe_fail(cfg.debug, state.step, rank)
         state.step += 1
         state.micro_batch += ga
         state.data_epoch = state.micro_batch // bpe
         state.samples_seen += global_batch
-        for k, v in step_metrics.items():
-            window[k] = window.get(k, 0.0) + v
-        n_window += 1
 
         is_last = state.step >= total
         do_ckpt = is_last or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0)
@@ -270,9 +216,8 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
             continue
         watchdog.beat(f"step {state.step}: metrics/checkpoint")
         # ---- metrics (all ranks take part in the reductions and in ray.train.report)
-        avg = _reduce_mean({k: v / n_window for k, v in window.items()})
-        window, n_window = {}, 0
-        state.corrupt_samples = corrupt_base + _sum_int(sum(corrupt_by_lane.values()))
+        avg = metrics.read(collectives.all_reduce_sum)   # the window's one host read
+        state.corrupt_samples = corrupt_base + collectives.sum_ints([sum(corrupt_by_lane.values())])[0]
         now = time.time()
         sps = (state.step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, state.step
@@ -312,5 +257,4 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
         log.debug("[%s] weights: %s", label, export_url)
         if metrics_log is not None:
             metrics_log.close()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    collectives.barrier()
