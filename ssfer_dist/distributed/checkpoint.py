@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ssfer_dist import storage
+from ssfer_dist.distributed import collectives
 
 from ssfer_dist.tasks.base import Task
 from ssfer_dist.train.state import TrainState
@@ -103,8 +104,7 @@ def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, An
                          checkpoint_upload_fn=upload)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()          # every rank's files and part list are uploaded ...
+    collectives.barrier()                    # every rank's files and part list are uploaded ...
     if rank == 0:
         # ... checked, not assumed: a barrier torn down by a failing peer's shutdown can return early
         if not is_complete(dest):
