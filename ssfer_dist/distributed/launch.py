@@ -383,7 +383,8 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
         log.warning("could not sweep incomplete checkpoints: %s", e)
     if error is not None:
         why = faults.one_line(error, faults.read_causes(plan.run_url, started))
-        raise faults.RunFailed(f"run {cfg.run.name} failed: {why} (full log: {log_path})") from error
+        log.info("[%s] full log of the failed run: %s", label, log_path)
+        raise faults.RunFailed(f"run {cfg.run.name} failed: {why}") from error
     export = storage.join(plan.run_url, "export", "model.safetensors")
     log.info("[%s] done in %.0f s: weights %s, metrics %s, log %s", label, time.time() - t0, export,
              storage.join(plan.run_url, "metrics.jsonl"), log_path)
