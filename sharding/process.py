@@ -34,6 +34,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ssfer_dist.data.safeimage import jpeg_header
+
 __all__ = ["ProcessOptions", "Processed", "SkipSample", "process_image", "crop_square", "to_rgb",
            "pixels_to_image"]
 
@@ -132,38 +134,6 @@ def pixels_to_image(pixels: str, width: int, height: int) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8).reshape(height, width), "L")
 
 
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_header(data: bytes) -> Optional[Tuple[int, int, int, int]]:
-    """``(width, height, components, precision)`` from a JPEG's SOF marker without decoding, or
-    ``None`` when ``data`` is not a JPEG whose header parses (the caller then decodes with PIL)."""
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
-    i = 2
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        seg = (data[i + 2] << 8) | data[i + 3]
-        if marker in _SOF:
-            if i + 10 > n:
-                return None
-            prec = data[i + 4]
-            h = (data[i + 5] << 8) | data[i + 6]
-            w = (data[i + 7] << 8) | data[i + 8]
-            return (w, h, data[i + 9], prec)
-        if marker in (0xDA, 0xD9) or seg < 2:
-            return None
-        i += 2 + seg
-    return None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -29,7 +29,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssfer_dist.data.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image
+from ssfer_dist.data.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, jpeg_header, open_image
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META
 from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
 from ssfer_dist.errors import UserError
@@ -169,28 +169,10 @@ def decode_image(data: bytes, draft_size: Optional[int] = None):
     return img, img.size[0] / float(w0)
 
 
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
 def jpeg_frame_size(data: bytes) -> Optional[Tuple[int, int]]:
-    """(width, height) from a JPEG's SOF marker (a few segment hops, no decode), None when not found."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 9 <= n:
-        if data[i] != 0xFF:
-            return None
-        m = data[i + 1]
-        if m == 0xFF:                      # fill byte
-            i += 1
-            continue
-        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if m in _SOF:
-            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6]
-        i += 2 + ((data[i + 2] << 8) | data[i + 3])
-    return None
+    """(width, height) from a JPEG's SOF marker (no decode), None when not found."""
+    header = jpeg_header(data)
+    return None if header is None else header[:2]
 
 
 def decode_hwc(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
