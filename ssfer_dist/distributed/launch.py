@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -230,11 +229,13 @@ def ensure_ray(cfg: Config) -> None:
 
 def _storage_args(url: str, retry_s: float = 120.0) -> Dict[str, Any]:
     """RunConfig storage arguments: a local folder, or a pyarrow S3 filesystem built from the AWS_* env
-    (what Ray Train itself writes there — its checkpoint-manager snapshot — retried with the AWS SDK's
-    exponential backoff, 25 ms × 2^k, for about ``retry_s``)."""
+    (what Ray Train itself writes there — its checkpoint-manager snapshot — retried for ``retry_s``,
+    see :mod:`ssfer_dist.distributed.arrowfs`)."""
     if not storage.is_s3(url):
         return {"storage_path": os.path.abspath(url)}
     import pyarrow.fs as pafs
+
+    from ssfer_dist.distributed import arrowfs
 
     bucket, prefix = storage.parse_s3(url)
     storage.ensure_dir(url)
@@ -247,9 +248,9 @@ def _storage_args(url: str, retry_s: float = 120.0) -> Dict[str, Any]:
     # pickled filesystem (sent to the Ray Train controller and workers, kept in the run's trainer state)
     # holds no credential.
     kw["region"] = os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1"))
-    attempts = max(3, math.ceil(math.log2(max(retry_s, 0.0) / 0.025 + 1)))
-    kw["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts)
-    fs = pafs.S3FileSystem(**kw)
+    kw["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=3)
+    # The SDK's retries miss a refused connection; every call is retried for run.storage_retry_s (arrowfs).
+    fs = arrowfs.retrying(pafs.S3FileSystem(**kw), retry_s)
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": fs}
 
 
