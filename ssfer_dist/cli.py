@@ -25,13 +25,16 @@ def _add_run(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and batch arithmetic, then exit")
+    p.add_argument("--launcher", choices=["ray", "torchrun"], default="ray",
+                   help="ray: Ray Train workers (local Ray, or the cluster in RAY_ADDRESS); torchrun: "
+                        "scaling.num_workers processes on this machine, no Ray")
     p.set_defaults(handler=_cmd_run)
 
 
 def _cmd_run(a) -> int:
     from ssfer_dist.distributed.launch import run_from_cli
 
-    return run_from_cli(a.config, a.overrides, dry_run=a.dry_run)
+    return run_from_cli(a.config, a.overrides, dry_run=a.dry_run, launcher=a.launcher)
 
 
 def _add_pipeline(sub) -> None:

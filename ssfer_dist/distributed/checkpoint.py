@@ -1,4 +1,4 @@
-"""Checkpoints through Ray Train: every rank saves its DeepSpeed shard into a local folder and reports it.
+"""Checkpoints: every rank saves its DeepSpeed shard into a local folder, uploads it and reports it to its launcher.
 
 A checkpoint folder (``<storage>/<run>/checkpoint_<step>``) holds
 
@@ -13,9 +13,11 @@ A checkpoint folder (``<storage>/<run>/checkpoint_<step>``) holds
   has checked that every rank's part list is there and every listed file has its size.
 
 Each rank uploads its own files through :mod:`ssfer_dist.storage` (retried through transient faults for
-``run.storage_retry_s``; Ray's ``checkpoint_upload_fn``), so Ray merges the ranks' files into one
+``run.storage_retry_s``). Under Ray (Ray's ``checkpoint_upload_fn``) Ray merges the ranks' files into one
 folder, keeps ``checkpoint.num_to_keep`` of them and hands the latest back through
-``ray.train.get_checkpoint()`` after a failure or when a run is rerun with the same name.
+``ray.train.get_checkpoint()`` after a failure or when a run is rerun with the same name; under torchrun
+rank 0 prunes to ``num_to_keep`` and a restart resumes from :func:`latest_complete`
+(:mod:`ssfer_dist.distributed.context`).
 
 **No partial checkpoint survives.** A folder is complete when it has ``_COMMITTED``, or — crash between
 the last upload and the marker — when every rank's part list is there and every listed file has its
@@ -44,8 +46,8 @@ from ssfer_dist.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_and_report", "restore", "DS_TAG", "checkpoint_dir_name", "sweep_incomplete", "latest_complete",
-           "is_complete", "COMMIT_FILE"]
+__all__ = ["save_and_report", "restore", "prune_committed", "DS_TAG", "checkpoint_dir_name", "sweep_incomplete",
+           "latest_complete", "is_complete", "COMMIT_FILE"]
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -76,20 +78,17 @@ def _upload_part(local_dir: str, dest_url: str, rank: int, world: int, fail_half
     storage.put_bytes(storage.join(dest_url, PARTS_DIR, f"rank{rank}.json"), json.dumps(part).encode())
 
 
-def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, Any], rank: int, world: int,
-                    run_url: str, upload_fault: bool = False) -> None:
+def save_and_report(ctx, engine, task: Task, state: TrainState, metrics: Dict[str, Any], run_url: str,
+                    upload_fault: bool = False, num_to_keep: int = 0) -> None:
     """Save this rank's part of the checkpoint into ``<run_url>/checkpoint_<step>``, upload it, report it
-    to Ray, and (rank 0, after a barrier that follows every rank's upload) commit it. Every rank calls this."""
-    import ray.train
-
+    through the launcher's context (:mod:`ssfer_dist.distributed.context`), and (rank 0, after a barrier
+    that follows every rank's upload) commit it. Every rank calls this."""
+    rank, world = ctx.rank, ctx.world_size
     name = checkpoint_dir_name(state.step)
-    ctx = ray.train.get_context()
     dest = storage.join(run_url, name)
 
-    def upload(checkpoint, dir_name: str):
-        _upload_part(checkpoint.path, dest, rank, world, fail_half_way=upload_fault)
-        st = ctx.get_storage()
-        return ray.train.Checkpoint(path=f"{st.experiment_fs_path}/{dir_name}", filesystem=st.storage_filesystem)
+    def upload(local_dir: str) -> None:
+        _upload_part(local_dir, dest, rank, world, fail_half_way=upload_fault)
 
     tmp = tempfile.mkdtemp(prefix="ssfer-ckpt-")
     try:
@@ -100,8 +99,7 @@ def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, An
             extra = task.state_dict()
             if extra:
                 torch.save(extra, os.path.join(tmp, EXTRA_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
-                         checkpoint_upload_fn=upload)
+        ctx.report_checkpoint(metrics, tmp, name, upload)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     collectives.barrier()                    # every rank's files and part list are uploaded ...
@@ -110,6 +108,18 @@ def save_and_report(engine, task: Task, state: TrainState, metrics: Dict[str, An
         if not is_complete(dest):
             raise RuntimeError(f"checkpoint {dest}: not every rank's part arrived; not committed")
         _commit(dest, state.step)
+        ctx.after_commit(run_url, num_to_keep)
+
+
+def prune_committed(run_url: str, num_to_keep: int) -> List[str]:
+    """Delete all but the newest ``num_to_keep`` committed checkpoints (the torchrun launcher's retention;
+    under Ray, Ray Train keeps ``checkpoint.num_to_keep``). Returns the names deleted."""
+    done = sorted((n for n, files in _checkpoint_dirs(run_url).items() if COMMIT_FILE in files),
+                  key=lambda n: int(_CKPT_RE.match(n).group(1)))
+    old = done[:-num_to_keep] if num_to_keep > 0 else []
+    for name in old:
+        storage.delete_tree(storage.join(run_url, name))
+    return old
 
 
 def _commit(url: str, step: int) -> None:

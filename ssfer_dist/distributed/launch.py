@@ -421,20 +421,56 @@ def _permanent_faults_not_retried():
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False) -> int:
-    """``ssfer run CONFIG [--set k=v ...] [--dry-run]`` → exit code."""
+def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False, launcher: str = "ray") -> int:
+    """``ssfer run CONFIG [--set k=v ...] [--dry-run] [--launcher ray|torchrun]`` → exit code."""
     cfg = load_config(config_path, overrides)
     if dry_run:
         sys.stdout.write(dry_run_text(cfg, config_path))
         return 0
     check_gpus_local(cfg)              # the machine first: nothing is read or written when it cannot run
     check_fast_path_local(cfg)
+    if launcher == "torchrun":
+        return run_torchrun(config_path, overrides, cfg.scaling.num_workers)
     plan = preflight(cfg)
     result = run_stage(cfg, plan)
     print(json.dumps({"run": result.run_url, "export": result.export_path,
                       "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}},
                      sort_keys=True))
     return 0
+
+
+def torchrun_command(config_path: str, overrides: List[str], nproc: int) -> List[str]:
+    """The command ``ssfer run --launcher torchrun`` runs: torchrun on this machine, ``nproc`` ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
+           "-m", "ssfer_dist.train", config_path]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def run_torchrun(config_path: str, overrides: List[str], nproc: int, timeout_s: Optional[float] = None) -> int:
+    """Run one stage under torchrun on this machine; its ranks print the progress and the result line."""
+    import subprocess
+
+    cmd = torchrun_command(config_path, overrides, nproc)
+    log.info("starting %d ranks under torchrun: %s", nproc, " ".join(cmd[1:]))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")      # torchrun's default too; the loop sets its own thread count
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=60)
+        raise
+    if rc not in (0, 2):
+        log.error("torchrun exited with status %d", rc)
+        return 1
+    return rc
 
 
 _PIPE_STAGES = ("pretrain", "finetune", "semisup")

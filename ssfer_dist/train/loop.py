@@ -1,10 +1,10 @@
-"""The one step loop for every stage, run by each Ray Train worker.
+"""The one step loop for every stage, run by each worker of either launcher (Ray Train or torchrun).
 
 Per optimizer step: lr from the schedule (a pure function of the step) → ``grad_accum`` micro-batches
 (task forward → ``engine.backward`` → ``engine.step``) → task hook (EMA teacher) → metrics → maybe a
-checkpoint. Every rank calls ``ray.train.report`` the same number of times (every ``log_every``
-steps, and with a checkpoint every ``checkpoint.every_steps`` and at the end). At the end the
-consolidated weights go to ``<storage>/<run>/export/model.safetensors``.
+checkpoint. Every rank reports to its launcher's context (:mod:`ssfer_dist.distributed.context`) the same
+number of times (every ``log_every`` steps, and with a checkpoint every ``checkpoint.every_steps`` and at
+the end). At the end the consolidated weights go to ``<storage>/<run>/export/model.safetensors``.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 
 from ssfer_dist import storage
 from ssfer_dist.config import DebugCfg, from_dict
-from ssfer_dist.console import worker_logging
 from ssfer_dist.distributed import checkpoint as ckpt_mod
 from ssfer_dist.distributed import collectives, faults
+from ssfer_dist.distributed.context import WorkerContext
 from ssfer_dist.distributed.engine import (
     build_engine,
     build_optimizer,
@@ -43,7 +43,7 @@ from ssfer_dist.worker_env import check_s3_credentials
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_loop_per_worker", "InjectedFault"]
+__all__ = ["train_loop_per_worker", "run_worker", "InjectedFault"]
 
 
 class InjectedFault(RuntimeError):
@@ -82,18 +82,23 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     """Ray Train worker entry point. ``payload``: ``config`` (plain dict) and ``plan`` (the
     :class:`~ssfer_dist.train.plan.LaunchPlan` computed once by the launcher: steps, lr, global batch,
     shard URLs, class names, run URL; read here, never recomputed)."""
-    import ray.train
+    from ssfer_dist.distributed.context import RayContext
 
+    run_worker(payload, RayContext())
+
+
+def run_worker(payload: Dict[str, Any], ctx: WorkerContext) -> None:
+    """The loop under any launcher: ``ctx`` gives rank/world, the checkpoint to resume and the reporting."""
     cfg = from_dict(payload["config"])
     plan: LaunchPlan = payload["plan"]
-    rank = ray.train.get_context().get_world_rank()
+    rank = ctx.rank
     # Bounded waits: the watchdog ends this worker (one-line cause in <run>/_faults/) when the loop makes no
     # progress for failure.stall_timeout_s; a permanent fault is raised as PermanentFault (Ray does not retry).
     watchdog = faults.StallWatchdog(
         cfg.failure.stall_timeout_s, rank,
         record=lambda cause: faults.write_cause(plan.run_url, rank, cause, "stall"))
     try:
-        _train(cfg, plan, payload, watchdog)
+        _train(cfg, plan, payload, watchdog, ctx)
     except Exception as e:
         cause = faults.classify(e)
         if cause is None:
@@ -108,9 +113,8 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
         watchdog.stop()
 
 
-def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.StallWatchdog") -> None:
-    import ray.train
-
+def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.StallWatchdog",
+           ctx: WorkerContext) -> None:
     from ssfer_dist.data.pipeline import ShardStream, make_loader
     from ssfer_dist.data.transforms import build_transform
 
@@ -129,11 +133,10 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     if plan.register_s3:
         storage.register_webdataset_s3()
     collectives.maybe_install_guard()           # test-only (SSFER_COMM_GUARD=1)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    worker_logging(rank)                          # rank 0's lines reach the console; the rest the log file
+    rank, world = ctx.rank, ctx.world_size
+    ctx.setup_logging()                           # Ray: rank 0's lines reach the console; the rest the log file
     label = payload.get("label") or plan.stage
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu and torch.cuda.is_available() \
+    device = torch.device("cuda", ctx.local_rank) if cfg.scaling.use_gpu and torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -148,7 +151,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     seeds = {"base": cfg.run.seed, "model": cfg.run.seed, "rank": cfg.run.seed * 1000 + rank}
     _seed_all(seeds["model"])                    # identical initial weights on every rank
     if world != plan.num_ranks:
-        raise RuntimeError(f"the launch plan is for {plan.num_ranks} ranks, Ray started {world}")
+        raise RuntimeError(f"the launch plan is for {plan.num_ranks} ranks, {ctx.name} started {world}")
     task, trainable = stage.build_task(sub, plan, device)
     fastpath.apply_to_model(fast, trainable)    # grad checkpointing, torch.compile (in place: names kept)
     groups = stage.param_groups(sub, trainable)
@@ -159,11 +162,11 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
 
     state = TrainState(stage=plan.stage, seeds=seeds)
     watchdog.beat("checkpoint restore")
-    ray_ckpt = ray.train.get_checkpoint()
+    resume_from = ctx.latest_checkpoint()
     if rank == 0:                                # no partial checkpoint survives (nothing else writes now)
-        keep = [os.path.basename(ray_ckpt.path.rstrip("/"))] if ray_ckpt is not None else []
+        keep = [os.path.basename(resume_from.path.rstrip("/"))] if resume_from is not None else []
         ckpt_mod.sweep_incomplete(plan.run_url, keep=keep)
-    resumed = ckpt_mod.restore(ray_ckpt, engine, task)
+    resumed = ckpt_mod.restore(resume_from, engine, task)
     if resumed is not None:
         state = resumed
         log.info("rank %d resumed at step %d (micro-batch %d, data epoch %d)", rank, state.step,
@@ -215,7 +218,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
         if not do_log:
             continue
         watchdog.beat(f"step {state.step}: metrics/checkpoint")
-        # ---- metrics (all ranks take part in the reductions and in ray.train.report)
+        # ---- metrics (all ranks take part in the reductions and in the report)
         avg = metrics.read(collectives.all_reduce_sum)   # the window's one host read
         state.corrupt_samples = corrupt_base + collectives.sum_ints([sum(corrupt_by_lane.values())])[0]
         now = time.time()
@@ -237,10 +240,10 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
             if metrics_log is not None:
                 metrics_log.sync()
             upload_fault = _fault_due(cfg.debug, state.step, rank, ("enospc_upload",))
-            ckpt_mod.save_and_report(engine, task, state, record, rank, world, plan.run_url,
-                                     upload_fault=upload_fault)
+            ckpt_mod.save_and_report(ctx, engine, task, state, record, plan.run_url, upload_fault=upload_fault,
+                                     num_to_keep=cfg.checkpoint.num_to_keep)
         else:
-            ray.train.report(record)
+            ctx.report(record)
 
     # ---- export consolidated weights (every rank takes part in the ZeRO-3 gather)
     watchdog.beat("export")
