@@ -111,6 +111,8 @@ class DataCfg:
     steps_per_epoch: Optional[int] = None   # default: manifest samples // global batch
     pin_memory: Optional[bool] = None # pinned batches, asynchronous copies to the GPU (null: on with CUDA)
     max_member_bytes: int = 64 * 1024 * 1024   # tar members over this are refused (counted corrupt), never loaded
+    replay_batches: int = 0           # >0: keep the first N micro-batches in memory and cycle them (benchmarks:
+                                      # the loop's speed without the loader's); 0: read the shards throughout
 
 
 @dataclass(frozen=True)
@@ -414,6 +416,8 @@ def _check(cfg: Config, source: str) -> None:
         err("train.grad_clip", f"expected > 0 or null, got {cfg.train.grad_clip}")
     if cfg.checkpoint.every_steps < 0:
         err("checkpoint.every_steps", f"expected >= 0, got {cfg.checkpoint.every_steps}")
+    if cfg.data.replay_batches < 0:
+        err("data.replay_batches", f"expected >= 0 (0: off), got {cfg.data.replay_batches}")
     if cfg.data.max_member_bytes < 1:
         err("data.max_member_bytes", f"expected >= 1, got {cfg.data.max_member_bytes}")
     if cfg.checkpoint.num_to_keep < 1:

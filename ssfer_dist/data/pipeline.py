@@ -475,3 +475,21 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False)
         return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=pin_memory)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=2,
                       multiprocessing_context="fork", persistent_workers=False, pin_memory=pin_memory)
+
+
+def replay(batches: Iterator[Dict[str, Any]], n: int, pin_memory: bool = False) -> Iterator[Dict[str, Any]]:
+    """The first ``n`` batches of ``batches``, kept in memory (pinned with ``pin_memory``) and cycled forever
+    (``data.replay_batches``): the training loop's own speed, without the loader's. The source iterator is
+    closed once they are read, so no loader process keeps running."""
+    kept = []
+    for _ in range(n):
+        b = next(batches)
+        if pin_memory:
+            b = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        kept.append(b)
+    close = getattr(batches, "_shutdown_workers", None)
+    if close is not None:
+        close()
+    del batches
+    while True:
+        yield from kept

@@ -192,6 +192,13 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
                          max_member_bytes=d.max_member_bytes)
     device_aug = stage.device_augment(sub, plan, rank)    # mae/weak geometry on this device (augment_on)
     batches = iter(make_loader(stream, cfg.data.num_loader_workers, pin_memory=fast.pin_memory))
+    if d.replay_batches:                                   # benchmarks: the loop without the loader
+        from ssfer_dist.data.pipeline import replay
+
+        batches = replay(batches, d.replay_batches, pin_memory=fast.pin_memory)
+        if rank == 0:
+            log.warning("data.replay_batches=%d: training on the same %d micro-batches over and over",
+                        d.replay_batches, d.replay_batches)
 
     global_batch = plan.global_batch
     corrupt_by_lane: Dict[int, int] = {}
