@@ -71,7 +71,7 @@ def loop(launcher: str, shards: str, runs: str, name: str, a) -> float:
             f"model.decoder_depth={DECODER['decoder_depth']}", f"model.decoder_heads={DECODER['decoder_heads']}",
             f"data.batch_size_per_rank={a.batch}", "data.replay_batches=4", "data.augment_on=cpu",
             "data.num_loader_workers=1", f"train.max_steps={a.steps}", f"train.log_every={a.log_every}",
-            "checkpoint.every_steps=0", "train.preview_every=0", "train.zero_stage=2", "train.grad_clip=1.0",
+            "checkpoint.every_steps=0", "train.preview_every=0", f"train.zero_stage={a.zero}", "train.grad_clip=1.0",
             "failure.max_failures=0"]
     cmd = [sys.executable, "-m", "ssfer_dist.cli", "run", cfg, "--launcher", launcher]
     for s in sets:
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--zero", type=int, default=2, help="train.zero_stage of the loop runs")
     a = ap.parse_args()
     launchers = [x for x in a.launchers.split(",") if x]
     rows = {"bare": []}
@@ -112,7 +113,7 @@ def main() -> None:
                 print(f"round {r + 1}: {x} {rows[x][-1]:.1f} img/s "
                       f"({rows[x][-1] / rows['bare'][-1]:.2f}x bare)", flush=True)
     summary = {"config": {"size": a.size, "img": a.img, "patch": a.patch, "batch": a.batch, "steps": a.steps,
-                          "log_every": a.log_every, "threads": a.threads, "repeats": a.repeats,
+                          "log_every": a.log_every, "threads": a.threads, "repeats": a.repeats, "zero_stage": a.zero,
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
                "img_per_s": rows, "target_ratio": 0.9}
     for x in launchers:

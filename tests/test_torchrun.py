@@ -95,3 +95,33 @@ def test_prune_keeps_the_newest_committed(tmp_path):
     assert ck.prune_committed(run, 2) == ["checkpoint_00000004"]
     assert sorted(os.listdir(run)) == ["checkpoint_00000008", "checkpoint_00000012", "checkpoint_00000016"]
     assert ck.latest_complete(run).endswith("checkpoint_00000012")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_torchrun_run_resumes_under_ray(tmp_path):
+    """The run folder is the launchers' common ground: a run that failed under torchrun is finished by Ray
+    Train from the same committed checkpoint, on the same batches."""
+    shards = write_debug_shards(str(tmp_path / "shards"))
+    marker = tmp_path / "fault.marker"
+    runs = tmp_path / "runs"
+    sets = [f"data.shards={shards['fr']}", f"run.storage={runs}", "run.name=cross", "train.zero_stage=2",
+            "train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4", "train.preview_every=0",
+            "failure.max_failures=0", "debug.fail_at_step=6", "debug.fail_rank=0", f"debug.fail_marker={marker}"]
+    args = ["run", PRETRAIN]
+    for o in sets:
+        args += ["--set", o]
+    first = _ssfer(args + ["--launcher", "torchrun"])
+    assert first.returncode == 1 and marker.exists(), first.stderr[-3000:]
+    second = _ssfer(args)                                         # the default launcher: a local Ray
+    assert second.returncode == 0, second.stderr[-3000:]
+    run_dir = runs / "cross"
+    assert "resumed at step 4" in (run_dir / "logs" / "ssfer.log").read_text()
+    rec = _metrics(run_dir)
+    assert [r["step"] for r in rec] == list(range(1, 13))
+    redone = {r["step"]: r for r in _metrics(run_dir, "metrics_redone.jsonl")}
+    assert sorted(redone) == [5, 6]
+    by_step = {r["step"]: r for r in rec}
+    for s, r in redone.items():
+        assert by_step[s]["batch_digest"] == r["batch_digest"], s
+    assert (run_dir / "export" / "model.safetensors").exists()

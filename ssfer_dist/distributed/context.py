@@ -85,9 +85,10 @@ class WorkerContext:
 class RayContext(WorkerContext):
     name = "ray"
 
-    def __init__(self) -> None:
+    def __init__(self, run_url: str = "") -> None:
         import ray.train
 
+        self.run_url = run_url
         self._train = ray.train
         ctx = ray.train.get_context()
         self._ctx = ctx
@@ -100,7 +101,17 @@ class RayContext(WorkerContext):
         worker_logging(self.rank)         # rank 0's lines reach the driver's console (marked); the rest its log
 
     def latest_checkpoint(self):
-        return self._train.get_checkpoint()
+        """Ray's own (after a worker-group restart, or its snapshot of an earlier run of this name); else the
+        run folder's newest committed checkpoint — one a torchrun run wrote."""
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None and self.run_url:
+            from ssfer_dist.distributed.checkpoint import latest_complete
+
+            url = latest_complete(self.run_url)
+            if url:
+                log.info("resuming from %s (not registered with Ray: written by another launcher)", url)
+                return CheckpointRef(url)
+        return ckpt
 
     def report(self, metrics: Dict[str, Any]) -> None:
         self._train.report(metrics)

@@ -84,7 +84,7 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     shard URLs, class names, run URL; read here, never recomputed)."""
     from ssfer_dist.distributed.context import RayContext
 
-    run_worker(payload, RayContext())
+    run_worker(payload, RayContext(payload["plan"].run_url))
 
 
 def run_worker(payload: Dict[str, Any], ctx: WorkerContext) -> None:
