@@ -217,8 +217,11 @@ def ensure_ray(cfg: Config) -> None:
     kw = private_init_kwargs(env)
     try:
         # address="local": a new instance even when `ray start` left one running on this machine
+        # worker_niceness 0: Ray starts workers at nice 15 (its daemons first); here the workers are the run,
+        # and at nice 15 a training worker on a small machine yields to any other process.
         ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
-                 object_store_memory=256 * 1024 * 1024, log_to_driver=True, **kw)
+                 object_store_memory=256 * 1024 * 1024, log_to_driver=True,
+                 _system_config={"worker_niceness": 0}, **kw)
         log.info("started a private local Ray in %s (dashboard %s)", kw["_temp_dir"],
                  kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"])
     except Exception as e:   # e.g. a start-up timeout: one line, not a traceback
