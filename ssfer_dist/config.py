@@ -147,7 +147,8 @@ class TrainCfg:
 @dataclass(frozen=True)
 class FaceMixCfg:
     alpha: float = 1.0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1      # on the mixed targets (and the plain-CE baseline)
+    smooth_real: bool = False         # also smooth the real-image term's targets (SSFER: hard labels there)
     enabled: bool = True              # False: plain supervised fine-tuning (baseline)
 
 

@@ -23,7 +23,7 @@ class FaceMixStage(Stage):
         model = build_classifier_for(sub.model, sub.init, plan.num_classes).to(device)
         task = FaceMixFinetune(model, plan.num_classes, alpha=f.alpha, smoothing=f.label_smoothing,
                                seed=sub.run.seed, rank=rank_now(), facemix_prob=1.0 if f.enabled else 0.0,
-                               input_dtype=None if dtype == torch.float32 else dtype)
+                               input_dtype=None if dtype == torch.float32 else dtype, smooth_real=f.smooth_real)
         return task, model
 
 

@@ -17,16 +17,18 @@ class FaceMixFinetune(TaskBase):
 
     One forward over ``cat([mixed, real])``; the loss is :func:`~ssfer_dist.data.facemix.facemix_loss`.
     lam and the pairing are drawn from ``numpy.random.default_rng([seed, rank, step])``: a pure function of
-    the step. ``facemix_prob`` < 1 trains some steps with plain label-smoothed CE.
+    the step. ``facemix_prob`` < 1 trains some steps with plain label-smoothed CE. ``smoothing`` reaches the
+    mixed targets only (the real-image term uses hard labels, as SSFER) unless ``smooth_real``.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, alpha: float = 1.0, pairing: str = "reverse",
                  smoothing: float = 0.1, seed: int = 0, rank: int = 0, facemix_prob: float = 1.0,
-                 input_dtype: Optional[torch.dtype] = None):
+                 input_dtype: Optional[torch.dtype] = None, smooth_real: bool = False):
         self.model, self.num_classes = model, int(num_classes)
         self.alpha, self.pairing, self.smoothing = float(alpha), pairing, float(smoothing)
         self.seed, self.rank = int(seed), int(rank)
         self.facemix_prob, self.input_dtype = float(facemix_prob), input_dtype
+        self.smooth_real = bool(smooth_real)
 
     def __call__(self, batch: Dict[str, torch.Tensor], step: int) -> Dict:
         x = prepare_images(batch["image"], self.input_dtype)
@@ -37,7 +39,8 @@ class FaceMixFinetune(TaskBase):
             loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.smoothing)
             return {"loss": loss, "loss_mix": const(0.0, loss), "loss_real": loss.detach(),
                     "acc": accuracy(logits, y), "iou": const(0.0, loss), "lam": const(1.0, loss)}
-        mix = facemix(x, y, batch["box"], self.num_classes, self.alpha, self.pairing, self.smoothing, rng=rng)
+        mix = facemix(x, y, batch["box"], self.num_classes, self.alpha, self.pairing, self.smoothing, rng=rng,
+                      smooth_real=self.smooth_real)
         n = x.shape[0]
         logits = self.model(torch.cat([mix.images, x], dim=0))
         logits_mixed, logits_real = logits[:n], logits[n:]
