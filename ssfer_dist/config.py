@@ -142,6 +142,8 @@ class TrainCfg:
     tensorboard: bool = True
     tf32: bool = True                 # TF32 for fp32 matmuls/convolutions on CUDA
     compile: Optional[bool] = None    # torch.compile of the model (null: on with CUDA and ZeRO 0-2)
+    model_ema: bool = False           # an EMA of the weights for evaluation and export (facemix; SSFER stage 2)
+    model_ema_decay: float = 0.999    # its decay per optimizer step (SSFER: 0.999)
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class SemiSupCfg:
     ema_decay: float = 0.999
     label_smoothing: float = 0.0
     threshold: ThresholdCfg = field(default_factory=ThresholdCfg)
+    eval_model: Literal["student", "teacher"] = "student"   # evaluated and exported: the student or its EMA teacher
 
 
 @dataclass(frozen=True)
@@ -413,6 +416,8 @@ def _check(cfg: Config, source: str) -> None:
         err("optim.layer_decay", f"expected 0 < value <= 1, got {cfg.optim.layer_decay}")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         err("train.grad_clip", f"expected > 0 or null, got {cfg.train.grad_clip}")
+    if not 0.0 < cfg.train.model_ema_decay < 1.0:
+        err("train.model_ema_decay", f"expected 0 < value < 1, got {cfg.train.model_ema_decay}")
     if cfg.checkpoint.every_steps < 0:
         err("checkpoint.every_steps", f"expected >= 0, got {cfg.checkpoint.every_steps}")
     if cfg.data.max_member_bytes < 1:

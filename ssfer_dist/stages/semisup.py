@@ -2,7 +2,7 @@
 fixed / DTM / FreeMatch / FlexMatch thresholds) → the final classifier."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -72,6 +72,10 @@ class SemiSupStage(Stage):
                               smoothing=s.label_smoothing, round_steps=th.dtm_every if th.kind == "dtm" else 0,
                               input_dtype=None if dtype == torch.float32 else dtype)
         return task, model
+
+    def eval_module(self, sub: StageConfigs, task: Task) -> Optional[nn.Module]:
+        """``semisup.eval_model: teacher``: the EMA teacher (this run's, never a stale stage-2 model)."""
+        return task.teacher.module if sub.section.eval_model == "teacher" else None
 
 
 STAGE = SemiSupStage()

@@ -78,6 +78,19 @@ def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
 
 
+def export_state_dict(stage, sub: StageConfigs, task, engine, zero_stage: int, rank: int):
+    """The weights to export, full and fp32 on rank 0 (None elsewhere): the stage's ``eval_module`` (model
+    EMA, semisup teacher: full copies on every rank, nothing to gather) or else the trained module
+    (consolidated: every rank takes part in the ZeRO-3 gather)."""
+    em = stage.eval_module(sub, task)
+    if em is None:
+        return consolidated_state_dict(engine, zero_stage)
+    if rank != 0:
+        return None
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+            for k, v in em.state_dict().items()}
+
+
 def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     """Ray Train worker entry point. ``payload``: ``config`` (plain dict) and ``plan`` (the
     :class:`~ssfer_dist.train.plan.LaunchPlan` computed once by the launcher: steps, lr, global batch,
@@ -244,7 +257,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
 
     # ---- export consolidated weights (every rank takes part in the ZeRO-3 gather)
     watchdog.beat("export")
-    sd = consolidated_state_dict(engine, cfg.train.zero_stage)
+    sd = export_state_dict(stage, sub, task, engine, cfg.train.zero_stage, rank)
     export_url = storage.join(plan.run_url, "export", "model.safetensors")
     if rank == 0:
         from ssfer_dist.models.io import save_weights
