@@ -92,6 +92,20 @@ def export_state_dict(stage, sub: StageConfigs, task, engine, zero_stage: int, r
             for k, v in em.state_dict().items()}
 
 
+def hparams(cfg, plan: LaunchPlan) -> Dict[str, Any]:
+    """The run's hyper-parameters for TensorBoard: the config tree (flat keys; run/debug/failure housekeeping
+    left out) plus the plan's derived values (``plan.*``)."""
+    from ssfer_dist.config import to_dict
+    from ssfer_dist.train.metrics import flatten
+
+    tree = {k: v for k, v in to_dict(cfg).items() if k not in ("debug", "failure")}
+    out = flatten(tree)
+    for k in ("num_ranks", "global_batch", "effective_lr", "steps_per_epoch", "total_steps", "warmup_steps",
+              "num_samples", "num_classes", "eval_num_samples"):
+        out[f"plan.{k}"] = getattr(plan, k)
+    return out
+
+
 def write_export(stage, sub: StageConfigs, plan: LaunchPlan, task, sd, url: str, extra_json=None) -> None:
     """Rank 0: the stage's export of ``sd`` to ``url`` (``…/model.safetensors``), plus ``eval.json`` beside it
     when ``extra_json`` is given."""
@@ -221,8 +235,9 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     if rank == 0:
         from ssfer_dist.train.metrics import MetricsLog
 
-        metrics_log = MetricsLog(plan.run_url, tensorboard=cfg.train.tensorboard)
+        metrics_log = MetricsLog(plan.run_url, tensorboard=cfg.train.tensorboard, class_names=plan.class_names)
         metrics_log.truncate_after(state.step)
+        metrics_log.log_hparams(hparams(cfg, plan))
 
     bpe = plan.steps_per_epoch * ga             # micro-batches per epoch per rank
     d = cfg.data
