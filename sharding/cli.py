@@ -55,13 +55,16 @@ def _add_build(sub) -> None:
     p.add_argument("--seed", type=int, help=f"sample order seed; same seed -> identical shards (default {d('seed')})")
     p.add_argument("--name", default=None, help="shard/key prefix (default: the dataset's name)")
     p.add_argument("--detector", choices=["none", "haar", "mtcnn"],
-                   help=f"face detector for images without boxes "
-                        f"(default {d('detector')}: images are aligned face crops)")
+                   help=f"face detector for images without boxes; for aligned sets (rafdb, ferplus, "
+                        f"insightface-rec) the detected box is recorded and the aligned frame kept, with a "
+                        f"centred fallback box where no face is found (counted) "
+                        f"(default {d('detector')}: images are aligned face crops, box = frame)")
     p.add_argument("--no-face", choices=["skip", "keep"],
                    help=f"with --detector, an image where it finds no face is skipped, or kept as a centred "
                         f"crop (a 'fallback' box, yellow on the inspect contact sheet) (default {d('no_face')})")
     p.add_argument("--num-classes", type=int, choices=[7, 8], help=f"AffectNet protocol (default {d('num_classes')})")
-    p.add_argument("--boxes", default=None, help="VGGFace2 loose_bb_*.csv for image-folder (auto-detected)")
+    p.add_argument("--boxes", default=None, help="VGGFace2 loose_bb_*.csv for image-folder (auto-detected); for "
+                                                 "rafdb a name,x1,y1,x2,y2 CSV of face boxes in the aligned images")
     p.add_argument("--jpeg-quality", type=int, help=f"default {d('jpeg_quality')}")
     p.add_argument("--box-scale", type=float,
                    help=f"crop side = box-scale x the face box's longer side (default {d('box_scale')})")

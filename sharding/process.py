@@ -9,6 +9,11 @@ Crop policy (documented, used by every source):
   ``box_scale * max(box_w, box_h)`` (default 1.25, a little context around the face), shrunk to the
   image's shorter side when larger, then shifted to lie inside the image (no padding ever), resized
   to ``image_size``. The box is mapped into the stored pixels and clipped to the frame.
+- pre-aligned crops with a box (``keep_frame``: a ``frame`` record built with ``--detector``, or an
+  ``aligned`` record with an annotation box): the frame policy above for the pixels (the face stays where
+  the aligner put it, as SSFER detects faces in aligned images without re-cropping); the box is mapped into
+  the stored pixels and recorded (FaceMix's IoUs). No face found there: the fallback box, always (aligned
+  labeled sets lose no image), counted as ``fallback``.
 - no face found by the detector: skipped (reason ``no_face``; ``ProcessOptions.no_face="skip"``, the
   default), or with ``no_face="keep"`` the fallback box (``detect.fallback_box``: centred square, 0.8 of
   the shorter side) with ``box_source="fallback"`` and the same square-crop rule.
@@ -163,7 +168,8 @@ def _can_pass_through(img: Image.Image, data: bytes, opts: ProcessOptions, crop)
             and crop == (0.0, 0.0, float(s)) and data.rstrip(b"\x00")[-2:] == _EOI)
 
 
-def _pass_through_fast(raw: bytes, box: Optional[Box4], box_source: str, opts: ProcessOptions) -> Optional[Processed]:
+def _pass_through_fast(raw: bytes, box: Optional[Box4], box_source: str, opts: ProcessOptions,
+                       keep_frame: bool = False) -> Optional[Processed]:
     """Pass-through decided from the JPEG header alone (8-bit, 3 components = RGB as PIL reads it,
     ``image_size`` square, crop = whole frame, ends with EOI); ``None`` -> take the general path."""
     s = opts.image_size
@@ -174,18 +180,19 @@ def _pass_through_fast(raw: bytes, box: Optional[Box4], box_source: str, opts: P
         x1, y1, x2, y2 = box
         if not (x2 > x1 and y2 > y1) or x2 <= 0 or y2 <= 0 or x1 >= s or y1 >= s:
             return None  # the general path reports the bad box
-    crop = crop_square(s, s, box, opts.box_scale)
+    crop = crop_square(s, s, None if keep_frame else box, opts.box_scale)
     if crop != (0.0, 0.0, float(s)):
         return None
     return Processed(raw, map_box(box, crop, s), (s, s), box_source, True)
 
 
 def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_source: str, opts: ProcessOptions,
-                  detector=None) -> Processed:
+                  detector=None, keep_frame: bool = False) -> Processed:
     """Turn one source image into the stored JPEG + box (policy in the module doc).
 
     ``data``: encoded image bytes, or a PIL image (FER2013 pixels). ``box_source``: ``annotation``
     (``box`` given), ``frame`` or ``detect`` (``detector`` runs; ``None`` or kind ``none`` -> frame).
+    ``keep_frame``: a pre-aligned crop: the pixels follow the frame policy, the box is only recorded.
     Raises :class:`SkipSample` for per-sample problems.
     """
     if box_source == "detect" and (detector is None or getattr(detector, "kind", "none") == "none"):
@@ -199,7 +206,7 @@ def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_sour
     else:
         raw = bytes(data)
         if box_source != "detect":
-            fast = _pass_through_fast(raw, box, box_source, opts)
+            fast = _pass_through_fast(raw, box, box_source, opts, keep_frame)
             if fast is not None:
                 return fast
         img = _open(raw, opts.max_pixels)
@@ -209,7 +216,7 @@ def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_sour
         if not (x2 > x1 and y2 > y1) or x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
             raise SkipSample("bad_box", f"box {list(box)} outside a {w}x{h} image")
     if raw is not None and box_source != "detect":
-        crop = crop_square(w, h, box, opts.box_scale)
+        crop = crop_square(w, h, None if keep_frame else box, opts.box_scale)
         if _can_pass_through(img, raw, opts, crop):
             return Processed(raw, map_box(box, crop, opts.image_size), (w, h), box_source, True)
     try:
@@ -225,12 +232,12 @@ def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_sour
         faces = detector.detect(np.asarray(rgb))
         if faces:
             box, box_source = tuple(float(v) for v in faces[0][:4]), detector.kind
-        elif opts.no_face == "skip":
+        elif opts.no_face == "skip" and not keep_frame:
             raise SkipSample("no_face", f"the {detector.kind} detector found no face (--no-face keep stores "
                                         f"such images with a centred fallback box)")
         else:
             box, box_source = fallback_box(w, h), "fallback"
-    crop = crop_square(w, h, box, opts.box_scale)
+    crop = crop_square(w, h, None if keep_frame else box, opts.box_scale)
     x0, y0, side = crop
     s = opts.image_size
     out = rgb.resize((s, s), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side))

@@ -350,7 +350,10 @@ def build_shard(plan: ShardPlan, cfg: WriterConfig, progress=None) -> Dict[str, 
                     pending = 0
                 try:
                     raw, extra = load_record(rec, handles)
-                    out = process_image(raw, rec.box, rec.box_source, cfg.process, detector)
+                    src, keep = rec.box_source, rec.aligned
+                    if src == "frame" and cfg.detector != "none":    # aligned crop: detector box, frame kept
+                        src, keep = "detect", True
+                    out = process_image(raw, rec.box, src, cfg.process, detector, keep_frame=keep)
                 except SkipSample as e:
                     skipped.append({"reason": e.reason, "item": rec.key, "source": _where(rec), "detail": e.detail})
                     continue

@@ -22,7 +22,8 @@ from ssfer_dist.typed import build as _build
 
 __all__ = [
     "Config", "RunCfg", "ScalingCfg", "FailureCfg", "CheckpointCfg", "ModelCfg", "InitCfg", "DataCfg",
-    "UnlabeledSource", "OptimCfg", "TrainCfg", "FaceMixCfg", "SemiSupCfg", "ThresholdCfg", "LinearProbeCfg", "DebugCfg",
+    "UnlabeledSource", "OptimCfg", "TrainCfg", "EvalCfg", "FaceMixCfg", "SemiSupCfg", "ThresholdCfg",
+    "LinearProbeCfg", "DebugCfg",
     "PipelineCfg", "load_config", "load_pipeline", "from_dict", "to_dict", "apply_overrides", "derived",
     "ConfigError",
 ]
@@ -144,12 +145,23 @@ class TrainCfg:
     tensorboard: bool = True
     tf32: bool = True                 # TF32 for fp32 matmuls/convolutions on CUDA
     compile: Optional[bool] = None    # torch.compile of the model (null: on with CUDA and ZeRO 0-2)
+    model_ema: bool = False           # an EMA of the weights for evaluation and export (facemix; SSFER stage 2)
+    model_ema_decay: float = 0.999    # its decay per optimizer step (SSFER: 0.999)
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    shards: Optional[str] = None      # labeled shard folder/URL evaluated while training (classifier stages)
+    every_steps: int = 0              # evaluate every N optimizer steps (0: only at the end); always at the end
+    batch_size_per_rank: int = 64     # eval images per rank per forward
+    best_metric: Literal["accuracy", "mean_class_accuracy", "macro_f1"] = "accuracy"   # picks export/best/
 
 
 @dataclass(frozen=True)
 class FaceMixCfg:
     alpha: float = 1.0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1      # on the mixed targets (and the plain-CE baseline)
+    smooth_real: bool = False         # also smooth the real-image term's targets (SSFER: hard labels there)
     enabled: bool = True              # False: plain supervised fine-tuning (baseline)
 
 
@@ -171,6 +183,7 @@ class SemiSupCfg:
     ema_decay: float = 0.999
     label_smoothing: float = 0.0
     threshold: ThresholdCfg = field(default_factory=ThresholdCfg)
+    eval_model: Literal["student", "teacher"] = "student"   # evaluated and exported: the student or its EMA teacher
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,7 @@ class Config:
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
     facemix: FaceMixCfg = field(default_factory=FaceMixCfg)
     semisup: SemiSupCfg = field(default_factory=SemiSupCfg)
     linear_probe: LinearProbeCfg = field(default_factory=LinearProbeCfg)
@@ -343,7 +357,8 @@ def absolute_paths(cfg: Config) -> Config:
         cfg.data, shards=_abs(cfg.data.shards),
         unlabeled=[dataclasses.replace(u, shards=_abs(u.shards)) for u in cfg.data.unlabeled])
     return dataclasses.replace(cfg, data=data, run=dataclasses.replace(cfg.run, storage=_abs(cfg.run.storage)),
-                               init=dataclasses.replace(cfg.init, weights=_abs(cfg.init.weights)))
+                               init=dataclasses.replace(cfg.init, weights=_abs(cfg.init.weights)),
+                               eval=dataclasses.replace(cfg.eval, shards=_abs(cfg.eval.shards)))
 
 
 def _expand(data: Any) -> Any:
@@ -414,6 +429,14 @@ def _check(cfg: Config, source: str) -> None:
         err("optim.layer_decay", f"expected 0 < value <= 1, got {cfg.optim.layer_decay}")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         err("train.grad_clip", f"expected > 0 or null, got {cfg.train.grad_clip}")
+    if not 0.0 < cfg.train.model_ema_decay < 1.0:
+        err("train.model_ema_decay", f"expected 0 < value < 1, got {cfg.train.model_ema_decay}")
+    if cfg.eval.every_steps < 0:
+        err("eval.every_steps", f"expected >= 0 (0: only at the end), got {cfg.eval.every_steps}")
+    if cfg.eval.batch_size_per_rank < 1:
+        err("eval.batch_size_per_rank", f"expected an integer >= 1, got {cfg.eval.batch_size_per_rank}")
+    if cfg.eval.shards and cfg.train.stage in stage_names() and not get_stage(cfg.train.stage).needs_labels:
+        err("eval.shards", f"the {cfg.train.stage} stage trains no classifier to evaluate")
     if cfg.checkpoint.every_steps < 0:
         err("checkpoint.every_steps", f"expected >= 0, got {cfg.checkpoint.every_steps}")
     if cfg.data.replay_batches < 0:

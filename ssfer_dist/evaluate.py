@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["confusion_metrics", "evaluate_shards", "evaluate_cli", "write_outputs", "format_table",
+__all__ = ["confusion_metrics", "evaluate_shards", "labeled_samples", "evaluate_cli", "write_outputs", "format_table",
            "confusion_png"]
 
 
@@ -139,13 +139,12 @@ def _confusion_with(model, meta, shard_url: str, num_classes: int, batch_size: i
                     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Tuple[np.ndarray, int]:
     import torch
 
-    from ssfer_dist.data.schema import decode_cls
     from ssfer_dist.data.transforms import build_transform, normalize_on_device
 
     tf = build_transform("eval", int(meta["arch"]["img_size"]), uint8=True)
     mean, std = meta.get("mean"), meta.get("std")
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
-    corrupt = 0
+    counts = {"corrupt": 0}
     xs: List[torch.Tensor] = []
     ys: List[int] = []
 
@@ -159,28 +158,50 @@ def _confusion_with(model, meta, shard_url: str, num_classes: int, batch_size: i
         xs.clear()
         ys.clear()
 
-    refused: List[MemberProblem] = []
-    for key, s in iter_url_samples(shard_url, max_member_bytes, refused):
-        try:
-            y = decode_cls(s["cls"])
-            img = open_image(s["jpg"])          # header size checked before decoding (bombs)
-            img.load()
-            x, _ = tf(img.convert("RGB"), None)
-        except Exception as e:  # corrupt samples are counted, not fatal
-            corrupt += 1
-            log.warning("%s: skipping sample %s (%s)", shard_url, key, type(e).__name__)
-            continue
-        if not 0 <= y < num_classes:
-            corrupt += 1
-            continue
+    for x, y in labeled_samples([shard_url], tf, num_classes, max_member_bytes, counts=counts):
         xs.append(x)
         ys.append(y)
         if len(xs) >= batch_size:
             flush()
     flush()
-    for p in refused:
-        log.warning("%s: refused %s", shard_url, p)
-    return conf, corrupt + len(refused)
+    return conf, counts["corrupt"]
+
+
+def labeled_samples(shard_urls: Sequence[str], tf, num_classes: int,
+                    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, rank: int = 0, world: int = 1,
+                    counts: Optional[Dict[str, int]] = None) -> Iterator[Tuple[Any, int]]:
+    """(transformed image, label) of every labeled sample of ``shard_urls`` in order. With ``world`` > 1 only
+    the samples ``i % world == rank`` (``i`` counts the tar samples over all shards; the others are not
+    decoded): ranks evaluate disjoint slices that together cover the set. Corrupt or refused samples of the
+    slice are skipped and counted in ``counts["corrupt"]``."""
+    from ssfer_dist.data.schema import decode_cls
+
+    counts = {} if counts is None else counts
+    counts.setdefault("corrupt", 0)
+    i = -1
+    for url in shard_urls:
+        refused: List[MemberProblem] = []
+        for key, s in iter_url_samples(url, max_member_bytes, refused):
+            i += 1
+            if i % world != rank:
+                continue
+            try:
+                y = decode_cls(s["cls"])
+                img = open_image(s["jpg"])          # header size checked before decoding (bombs)
+                img.load()
+                x, _ = tf(img.convert("RGB"), None)
+            except Exception as e:  # corrupt samples are counted, not fatal
+                counts["corrupt"] += 1
+                log.warning("%s: skipping sample %s (%s)", url, key, type(e).__name__)
+                continue
+            if not 0 <= y < num_classes:
+                counts["corrupt"] += 1
+                continue
+            yield x, y
+        for p in refused:
+            log.warning("%s: refused %s", url, p)
+        if world == 1 or rank == 0:      # refused members hold no sample index: one rank counts them
+            counts["corrupt"] += len(refused)
 
 
 def evaluate_shards(weights: str, shards: str, batch_size: int = 128, use_ray: bool = False,

@@ -276,14 +276,18 @@ def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
 
 def write_rafdb(root: str, num_train_per_class: int, num_test_per_class: int, seed: int = 0,
                 image_size: int = 100, cfg: SynthConfig = SynthConfig(),
-                progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, int]:
+                progress: Optional[Callable[[int, int], None]] = None,
+                face_frac: Tuple[float, float] = (0.92, 1.0)) -> Dict[str, int]:
     """Write a labeled synthetic set in RAF-DB's layout under ``root``.
 
     Files: ``EmoLabel/list_patition_label.txt`` (``train_00001.jpg 5`` — RAF-DB ids 1..7),
     ``Image/aligned/train_00001_aligned.jpg`` (``image_size`` px, the head fills the frame, so the
     RAF-DB convention "box = whole frame" holds) and ``synth_boxes.csv`` (name, canonical class, exact
     head box x1,y1,x2,y2). Classes are balanced and interleaved in random order. Returns counts per split.
-    ``progress(done, total)`` is called after each image.
+    ``progress(done, total)`` is called after each image. ``face_frac``: the head box's larger side as a
+    fraction of the frame (default: face-filling); a wider range such as (0.55, 1.0) varies face scale and
+    position like real aligned crops do — then build with ``--boxes synth_boxes.csv`` so the shards record
+    the true boxes.
     """
     img_dir = os.path.join(root, "Image", "aligned")
     os.makedirs(img_dir, exist_ok=True)
@@ -298,7 +302,7 @@ def write_rafdb(root: str, num_train_per_class: int, num_test_per_class: int, se
         for i, cls in enumerate(order, start=1):
             rng = _rng(seed, stream, i)
             p = sample_params(rng, int(cls), cfg)
-            img, box = render_face(p, rng, image_size, (0.92, 1.0), cfg)
+            img, box = render_face(p, rng, image_size, face_frac, cfg)
             name = f"{split}_{i:05d}"
             img.save(os.path.join(img_dir, f"{name}_aligned.jpg"), quality=92)
             lines.append(f"{name}.jpg {canonical_to_rafdb(int(cls))}")

@@ -23,6 +23,7 @@ CASES: List[Tuple[str, Tuple[str, ...]]] = [
     ("mae", ()),
     ("facemix", ()),
     ("facemix", ("facemix.enabled=false",)),
+    ("facemix", ("train.model_ema=true",)),
     ("semisup", ("semisup.threshold.kind=fixed",)),
     ("semisup", ("semisup.threshold.kind=dtm", "semisup.threshold.dtm_every=2")),
     ("semisup", ("semisup.threshold.kind=freematch",)),
@@ -32,7 +33,7 @@ CASES: List[Tuple[str, Tuple[str, ...]]] = [
 
 def case_id(case) -> str:
     stage, ov = case
-    return "-".join([stage] + [o.split("=")[1] for o in ov])
+    return "-".join([stage] + [o.replace("train.", "").replace("=true", "").split("=")[-1] for o in ov])
 
 
 class TorchEngine:

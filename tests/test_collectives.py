@@ -33,6 +33,7 @@ def test_comm_device_follows_the_backend(monkeypatch):
 def test_single_process_is_the_identity():
     t = torch.tensor([1.0, 2.0])
     assert collectives.all_reduce_sum(t) is t and collectives.sum_ints([3, 4]) == [3, 4]
+    assert collectives.all_reduce_max(t) is t
     collectives.barrier()
 
 
@@ -63,6 +64,9 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         res["guard"] = "not raised"
     except collectives.CommGuardError as e:
         res["guard"] = str(e)
+    # max-reduce (FlexMatch's label exchange): each element is one rank's value, never a blend
+    mx = torch.tensor([1, -1, 3] if rank == 0 else [4, 2, -1], dtype=torch.int32)
+    res["max"] = collectives.all_reduce_max(mx).tolist()
     for case in CASES:
         task, _m, opt, cfg, _plan = build(case[0], case[1], torch.device("cpu"), num_ranks=world)
         metrics, corrupt, it = DeviceMetrics(torch.device("cpu")), {}, batches(cfg, seed=1, rank=rank)
@@ -101,6 +105,7 @@ def test_two_gloo_ranks_every_collective_through_the_helper(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0], "a rank failed (see its traceback above)"
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world))
     assert "not through ssfer_dist.distributed.collectives" in r0["guard"]
+    assert r0["max"] == r1["max"] == [4, 2, 3]
     for case in CASES:
         k = case_id(case)
         assert r0[k] == r1[k], k             # reduced metrics and cross-rank threshold state agree on both ranks

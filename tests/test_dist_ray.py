@@ -294,3 +294,41 @@ def _assert_secret_nowhere(secret: str, bucket_url: str) -> None:
     leaks = [k for k, v in places.items() if secret.encode() in v]
     assert not leaks, f"the S3 secret is in: {leaks}"
     assert len(places) > 20 and any(k.endswith("runtime_env_agent.log") for k in places), sorted(places)[:50]
+
+
+def test_eval_while_training_facemix_ema_then_semisup_zero3(ray_local, shards, tmp_path):
+    """``eval.shards`` + ``eval.every_steps`` on the debug configs: eval lines in metrics.jsonl, the best step's
+    weights in export/best/ — and the distributed evaluation agrees with ``ssfer evaluate`` on the exported
+    weights. FaceMix evaluates its model EMA; the semi-supervised student under ZeRO-3 is evaluated through the
+    engine (every rank forwards the same number of batches)."""
+    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.evaluate import evaluate_shards
+    from ssfer_dist.models.io import load_weights
+
+    n_test = read_manifest(shards["test"]).num_samples
+    common = [f"data.shards={shards['labeled']}", f"run.storage={tmp_path / 'runs'}", f"eval.shards={shards['test']}",
+              "eval.every_steps=4", "eval.batch_size_per_rank=16", "train.max_steps=10", "checkpoint.every_steps=0"]
+    ft = run_stage(load_config(os.path.join(CONFIGS, "debug_cpu_finetune.yaml"),
+                               common + ["init.weights=null", "train.model_ema=true", "train.model_ema_decay=0.8"]))
+    semi = run_stage(load_config(os.path.join(CONFIGS, "debug_cpu_semisup.yaml"),
+                                 common + [f"init.weights={ft.export_path}", "train.zero_stage=3",
+                                           f"data.unlabeled=[{{shards: {shards['unlabeled']}, weight: 1.0}}]"]))
+    for res, weights in ((ft, "ema"), (semi, "trained")):
+        rec = _metrics(res.run_url)
+        evals = [r for r in rec if "eval_accuracy" in r]
+        assert [r["step"] for r in evals] == [4, 8, 10]
+        for r in evals:
+            assert r["eval_num_samples"] == n_test and r["eval_weights"] == weights
+            assert 0.0 <= r["eval_accuracy"] <= 1.0 and 0.0 <= r["eval_macro_f1"] <= 1.0
+            assert sum(map(sum, r["eval_confusion"])) == n_test
+        best_step = max(evals, key=lambda r: (r["eval_accuracy"], -r["step"]))["step"]   # first of the best
+        assert [r["step"] for r in evals if r["eval_best"]][-1] == best_step
+        best_dir = os.path.join(res.run_url, "export", "best")
+        info = json.load(open(os.path.join(best_dir, "eval.json")))
+        assert info["step"] == best_step and info["metric"] == "accuracy"
+        # the distributed evaluation == ssfer evaluate on the very weights it exported
+        m_best = evaluate_shards(os.path.join(best_dir, "model.safetensors"), shards["test"], batch_size=16)
+        assert abs(m_best["accuracy"] - info["eval_accuracy"]) <= 1.0 / n_test
+        m_last = evaluate_shards(res.export_path, shards["test"], batch_size=16)
+        assert abs(m_last["accuracy"] - evals[-1]["eval_accuracy"]) <= 1.0 / n_test
+        assert load_weights(os.path.join(best_dir, "model.safetensors"))[1]["kind"] == "classifier"

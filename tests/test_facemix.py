@@ -73,6 +73,7 @@ def test_smooth_one_hot_matches_torch_label_smoothing():
 
 
 def test_loss_worked_example():
+    """Smoothing reaches the mixed targets; the real-image term uses the hard labels (SSFER's fine-tune.py)."""
     x, y, b = _batch()
     mix = facemix(x, y, b, num_classes=7, smoothing=0.1, rng=5)
     g = torch.Generator().manual_seed(2)
@@ -80,10 +81,32 @@ def test_loss_worked_example():
     out = facemix_loss(zm, zr, mix)
     lam, j = mix.lam, mix.index
     ce = lambda z, t: F.cross_entropy(z, t, label_smoothing=0.1, reduction="none")  # noqa: E731
+    hard = lambda z, t: F.cross_entropy(z, t, reduction="none")  # noqa: E731
     # mixed target CE is linear in the target: lam CE(z, y_i) + (1 - lam) CE(z, y_j)
     l_mix = (lam * ce(zm, y) + (1 - lam) * ce(zm, y[j])).mean()
     iou = box_iou_pairs(b, b[j])
-    l_real = ((1 - iou) * (ce(zr, y) + ce(zr[j], y[j]))).mean()
+    l_real = ((1 - iou) * (hard(zr, y) + hard(zr[j], y[j]))).mean()
+    assert torch.equal(mix.real_targets, F.one_hot(y, 7).float())
     torch.testing.assert_close(out["loss_mix"], l_mix)
     torch.testing.assert_close(out["loss_real"], l_real)
     torch.testing.assert_close(out["loss"], l_mix + l_real)
+    # smooth_real: the option that smooths both terms
+    both = facemix(x, y, b, num_classes=7, smoothing=0.1, rng=5, smooth_real=True)
+    assert both.lam == lam and torch.equal(both.targets, mix.targets)
+    out_b = facemix_loss(zm, zr, both)
+    torch.testing.assert_close(out_b["loss_real"], ((1 - iou) * (ce(zr, y) + ce(zr[j], y[j]))).mean())
+    assert not torch.allclose(out_b["loss_real"], out["loss_real"])
+
+
+def test_facemix_task_real_term_hard_unless_smooth_real():
+    """The task wires ``smooth_real`` through: same step, same model -> the real term differs only by smoothing."""
+    from ssfer_dist.tasks import FaceMixFinetune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 7))
+    x, y, b = _batch()
+    batch = {"image": x, "label": y, "box": b}
+    hard = FaceMixFinetune(model, 7, smoothing=0.1, seed=1)(batch, 3)
+    soft = FaceMixFinetune(model, 7, smoothing=0.1, seed=1, smooth_real=True)(batch, 3)
+    torch.testing.assert_close(hard["loss_mix"], soft["loss_mix"])
+    assert not torch.allclose(hard["loss_real"], soft["loss_real"])

@@ -383,6 +383,61 @@ def test_rafdb(tmp_path):
         build("rafdb", tmp_path, tmp_path / "x")
 
 
+def test_rafdb_aligned_boxes_from_csv_keep_the_frame(tmp_path):
+    """``--boxes`` on aligned RAF-DB: the box is recorded (mapped to the stored pixels), the stored image is
+    the very one a frame build stores (no re-crop around the face), so FaceMix sees varying IoUs."""
+    from ssfer_dist import synth
+
+    root = tmp_path / "raf"
+    synth.write_rafdb(str(root), 1, 0, seed=4, image_size=64, face_frac=(0.5, 0.8))
+    truth = {r["name"]: tuple(float(r[k]) for k in ("x1", "y1", "x2", "y2"))
+             for r in csv.DictReader(open(root / "synth_boxes.csv"))}
+    build("rafdb", root, tmp_path / "plain", image_size=32, split="train")
+    plain = read_tar_samples(tmp_path / "plain")
+    rep = build("rafdb", root, tmp_path / "boxed", image_size=32, split="train", boxes=str(root / "synth_boxes.csv"))
+    assert rep["num_samples"] == 7 and rep["box_sources"] == {"annotation": 7}
+    boxed = read_tar_samples(tmp_path / "boxed")
+    ious = []
+    for key, smp in boxed.items():
+        assert smp["jpg"] == plain[key]["jpg"]                      # the aligned frame, not a crop
+        meta = SampleMeta.from_json(smp["json"])
+        want = tuple(v * 32 / 64 for v in truth[key.split("/")[1]])
+        assert meta.box_source == "annotation" and meta.box == pytest.approx(want, abs=1e-3)
+        assert SampleMeta.from_json(plain[key]["json"]).box == (0.0, 0.0, 32.0, 32.0)
+        w, h = meta.box[2] - meta.box[0], meta.box[3] - meta.box[1]
+        ious.append(w * h / 32 ** 2)                                 # IoU with the full frame
+    assert max(ious) < 0.7 and min(ious) > 0.15                      # faces of 50-80 % of the side
+    write(tmp_path / "bad.csv", b"name,x1\nfoo,1\n")
+    with pytest.raises(UserError, match=r"--boxes .*bad.csv: expected columns"):
+        build("rafdb", root, tmp_path / "x", boxes=str(tmp_path / "bad.csv"))
+
+
+def test_rafdb_aligned_detector_boxes_and_counted_fallback(tmp_path):
+    """``--detector`` on an aligned set: the detector's box is recorded and the frame kept; where it finds no
+    face the image is kept with the centred fallback box (even with --no-face skip) and counted."""
+    from skimage import data
+
+    root = tmp_path / "raf"
+    astro = Image.fromarray(data.astronaut()).resize((256, 256))
+    buf = io.BytesIO()
+    astro.save(buf, "JPEG", quality=95)
+    write(root / "Image" / "aligned" / "train_00001_aligned.jpg", buf.getvalue())
+    write(root / "Image" / "aligned" / "train_00002_aligned.jpg", img_bytes(256, 256, seed=3))   # noise: no face
+    write(root / "EmoLabel" / "list_patition_label.txt", b"train_00001.jpg 4\ntrain_00002.jpg 7\n")
+    plain = build("rafdb", root, tmp_path / "plain", image_size=64, split="train")
+    rep = build("rafdb", root, tmp_path / "det", image_size=64, split="train", detector="haar")
+    assert rep["num_samples"] == plain["num_samples"] == 2 and rep["skipped_by_reason"] == {}
+    assert rep["box_sources"] == {"fallback": 1, "haar": 1} and rep["fallback_boxes"] == 1
+    a, b = read_tar_samples(tmp_path / "det"), read_tar_samples(tmp_path / "plain")
+    for key in a:
+        assert a[key]["jpg"] == b[key]["jpg"]                        # frame kept
+    face = SampleMeta.from_json(a["rafdb/train_00001"]["json"])
+    x1, y1, x2, y2 = face.box
+    assert face.box_source == "haar" and (x2 - x1) < 40 and 20 < (x1 + x2) / 2 < 40   # the astronaut's face
+    fb = SampleMeta.from_json(a["rafdb/train_00002"]["json"])
+    assert fb.box_source == "fallback" and fb.box != (0.0, 0.0, 64.0, 64.0)
+
+
 def test_affectnet_7_and_8(tmp_path):
     root = make_affectnet(tmp_path / "an")
     rep7 = build("affectnet", root, tmp_path / "a7", num_classes=7)

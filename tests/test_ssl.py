@@ -14,10 +14,11 @@ from ssfer_dist.ssl import (DTMThreshold, EMATeacher, FixedThreshold, FlexMatchT
 
 
 class SimAllReduce:
-    """Sum-all-reduce between ``world`` threads (one call per rank per collective), like dist.all_reduce."""
+    """Sum-all-reduce (or ``op="max"``) between ``world`` threads (one call per rank per collective), like
+    dist.all_reduce."""
 
-    def __init__(self, world: int):
-        self.world = world
+    def __init__(self, world: int, op: str = "sum"):
+        self.world, self.op = world, op
         self.barrier = threading.Barrier(world)
         self.slots = [None] * world
 
@@ -25,7 +26,10 @@ class SimAllReduce:
         def all_reduce(t: torch.Tensor) -> torch.Tensor:
             self.slots[rank] = t.clone()
             self.barrier.wait()
-            total = sum(self.slots[1:], self.slots[0].clone())
+            if self.op == "max":
+                total = torch.stack(self.slots).amax(dim=0)
+            else:
+                total = sum(self.slots[1:], self.slots[0].clone())
             self.barrier.wait()
             t.copy_(total)
             return t
@@ -153,6 +157,50 @@ def test_flexmatch_worked_example():
     assert mask.tolist() == [1.0]  # 0.8 >= 0.9 * .5 / 1.5 = 0.3
     with pytest.raises(ValueError):
         pol(p)
+
+
+def test_flexmatch_two_ranks_disagreeing_on_a_sample_record_a_label_one_of_them_gave():
+    """Sample 2 is on both ranks in one step: rank 0 selects class 1, rank 1 class 4. The exchange must record
+    1 or 4 on both ranks (a MAX reduce: 4) — never their average (the old (label+1) mean recorded 3)."""
+    comm, res = SimAllReduce(2, op="max"), {}
+    conf = 0.97
+    # rank 0: ids [0, 2] -> classes [0, 1]; rank 1: ids [2, 3] -> classes [4, 2] (all above tau)
+    plan = {0: ([0, 2], [0, 1]), 1: ([2, 3], [4, 2])}
+
+    def onehot(classes):
+        p = torch.full((len(classes), 5), (1 - conf) / 4)
+        p[torch.arange(len(classes)), torch.tensor(classes)] = conf
+        return p
+
+    def rank(r):
+        ids, classes = plan[r]
+        pol = FlexMatchThreshold(5, num_samples=5, tau=0.95, all_reduce_max=comm.for_rank(r))
+        pol(onehot(classes), sample_ids=torch.tensor(ids))
+        res[r] = (pol.selected.clone(), pol.acc.clone())
+    _run_ranks(2, rank)
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    assert res[0][0].tolist() == [0, -1, 4, 2, -1]
+    assert res[0][0][2].item() in (1, 4) and res[0][0][2].item() != 3
+    # sigma with warm-up: counts (unused 2, class0 1, class2 1, class4 1) / 2
+    torch.testing.assert_close(res[0][1], torch.tensor([0.5, 0.0, 0.5, 0.0, 0.5], dtype=torch.float64))
+    # below tau on one rank: nothing selected there, the other rank's label stands; earlier labels persist
+    comm2, res2 = SimAllReduce(2, op="max"), {}
+
+    def rank2(r):
+        pol = FlexMatchThreshold(5, num_samples=5, tau=0.95, all_reduce_max=comm2.for_rank(r))
+        pol.load_state_dict({"selected": res[r][0], "acc": res[r][1]})
+        p = onehot([3]) if r == 0 else torch.full((1, 5), 0.2)       # rank 1: uniform, not selected
+        pol(p, sample_ids=torch.tensor([1 if r == 0 else 0]))
+        res2[r] = pol.selected.clone()
+    _run_ranks(2, rank2)
+    assert res2[0].tolist() == res2[1].tolist() == [0, 3, 4, 2, -1]
+
+
+def test_flexmatch_duplicate_id_in_one_batch_is_deterministic():
+    pol = FlexMatchThreshold(5, num_samples=3, tau=0.5)
+    p = torch.tensor([[0.9, 0.025, 0.025, 0.025, 0.025], [0.025, 0.025, 0.025, 0.9, 0.025]])
+    pol(p, sample_ids=torch.tensor([1, 1]))
+    assert pol.selected.tolist() == [-1, 3, -1]
 
 
 def test_build_threshold_kinds():

@@ -146,3 +146,75 @@ def test_linear_probe_export_is_a_plain_classifier(mae_weights, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(clf(x), model(x), rtol=1e-4, atol=1e-4)
     assert os.path.getsize(path) > 0
+
+
+# ---------------------------------------------------------------- model EMA (facemix) / semisup eval_model
+class _FakeEngine:
+    def __init__(self, module):
+        self.module = module
+
+
+def test_facemix_model_ema_updates_checkpoints_and_is_what_gets_exported(mae_weights):
+    from ssfer_dist.train.loop import export_state_dict
+
+    cfg = load_config(str(CONFIGS / "debug_cpu_finetune.yaml"),
+                      [f"init.weights={mae_weights}", "train.model_ema=true", "train.model_ema_decay=0.9"])
+    stage, sub = get_stage("facemix"), StageConfigs.of(cfg)
+    torch.manual_seed(0)
+    task, model = stage.build_task(sub, _plan(stage="facemix"), torch.device("cpu"))
+    ema = stage.eval_module(sub, task)
+    assert ema is task.ema.module and ema is not model
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randint(0, 256, (8, 3, IMG, IMG), dtype=torch.uint8, generator=g),
+             "label": torch.randint(0, C, (8,), generator=g), "box": torch.tensor([[0.0, 0, IMG, IMG]] * 8)}
+    for step in range(2):
+        out = task(batch, step)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        assert task.after_step(step) == {"ema_decay": 0.9}
+    # two EMA steps: e = 0.9 (0.9 w0 + 0.1 w1) + 0.1 w2
+    k = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(ema.state_dict()[k], model.state_dict()[k])
+    assert not torch.equal(ema.state_dict()[k], w0[k])
+    # export: the EMA's weights (rank 0), not the trained module's; other ranks nothing
+    sd = export_state_dict(stage, sub, task, _FakeEngine(model), 2, rank=0)
+    assert torch.equal(sd[k], ema.state_dict()[k]) and set(sd) == set(model.state_dict())
+    assert export_state_dict(stage, sub, task, _FakeEngine(model), 2, rank=1) is None
+    # checkpoint round trip of the EMA; without model_ema the task keeps no state
+    st = task.state_dict()
+    torch.manual_seed(0)
+    task2, _ = stage.build_task(sub, _plan(stage="facemix"), torch.device("cpu"))
+    task2.load_state_dict(st)
+    assert torch.equal(task2.ema.module.state_dict()[k], ema.state_dict()[k]) and task2.ema.num_updates == 2
+    off = StageConfigs.of(load_config(str(CONFIGS / "debug_cpu_finetune.yaml"), [f"init.weights={mae_weights}"]))
+    task3, model3 = stage.build_task(off, _plan(stage="facemix"), torch.device("cpu"))
+    assert stage.eval_module(off, task3) is None and task3.state_dict() == {} and task3.after_step(0) == {}
+    assert torch.equal(export_state_dict(stage, off, task3, _FakeEngine(model3), 2, rank=0)[k],
+                       model3.state_dict()[k])
+    with pytest.raises(ValueError, match="no model EMA"):
+        task2.load_state_dict({})
+
+
+def test_model_ema_config_checks():
+    with pytest.raises(ConfigError, match=r"train\.model_ema: the mae stage keeps no model EMA"):
+        load_config(str(CONFIGS / "debug_cpu_pretrain.yaml"), ["train.model_ema=true"])
+    with pytest.raises(ConfigError, match=r"train\.model_ema: the semisup stage keeps no model EMA"):
+        load_config(str(CONFIGS / "debug_cpu_semisup.yaml"), ["train.model_ema=true"])
+    with pytest.raises(ConfigError, match=r"train\.model_ema_decay: expected 0 < value < 1"):
+        load_config(str(CONFIGS / "debug_cpu_finetune.yaml"), ["train.model_ema_decay=1.0"])
+    with pytest.raises(ConfigError, match=r"semisup\.eval_model"):
+        load_config(str(CONFIGS / "debug_cpu_semisup.yaml"), ["semisup.eval_model=ema"])
+
+
+def test_semisup_eval_model_student_or_teacher(mae_weights):
+    stage = get_stage("semisup")
+    for which in ("student", "teacher"):
+        cfg = load_config(str(CONFIGS / "debug_cpu_semisup.yaml"),
+                          [f"init.weights={mae_weights}", f"semisup.eval_model={which}"])
+        sub = StageConfigs.of(cfg)
+        task, model = stage.build_task(sub, _plan(stage="semisup"), torch.device("cpu"))
+        em = stage.eval_module(sub, task)
+        assert (em is task.teacher.module) if which == "teacher" else (em is None)

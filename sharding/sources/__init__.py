@@ -16,7 +16,8 @@ def list_source(fmt: str, input_path: str, *, split: str, name: Optional[str] = 
     """List the samples of ``input_path`` in format ``fmt`` (see ``FORMATS``) for ``split``
     (``train`` | ``val`` | ``test`` | ``all``). ``name`` overrides the dataset name used in keys;
     ``num_classes`` picks AffectNet's 7- or 8-class protocol; ``boxes`` is an optional VGGFace2
-    ``loose_bb`` CSV for image folders; ``map_fn``, an ordered parallel ``map`` (the build's worker
+    ``loose_bb`` CSV for image folders, or a ``name,x1,y1,x2,y2`` CSV for RAF-DB's aligned images;
+    ``map_fn``, an ordered parallel ``map`` (the build's worker
     pool), lets a reader list in parallel (image folders do). Paths from label files and links must resolve
     inside ``input_path`` unless ``allow_outside`` (``sharding/sources/confine.py``)."""
     import os
@@ -31,7 +32,7 @@ def list_source(fmt: str, input_path: str, *, split: str, name: Optional[str] = 
         return list_rec(input_path, name=name)
     if fmt == "rafdb":
         from sharding.sources.rafdb import list_rafdb
-        return list_rafdb(input_path, split=split, name=name, allow_outside=allow_outside)
+        return list_rafdb(input_path, split=split, name=name, allow_outside=allow_outside, boxes=boxes)
     if fmt == "affectnet":
         from sharding.sources.affectnet import list_affectnet
         return list_affectnet(input_path, split=split, name=name, num_classes=num_classes,

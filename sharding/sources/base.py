@@ -22,7 +22,10 @@ class FaceRecord:
     ``("pixels", "<space separated uint8>", width, height)``.
     box: face box ``(x1, y1, x2, y2)`` in the source image's pixels, or ``None``.
     box_source: ``annotation`` (box given), ``frame`` (pre-aligned crop: the whole image) or
-    ``detect`` (run the build's detector).
+    ``detect`` (run the build's detector). ``frame`` records built with ``--detector`` get the detector's box
+    (a centred fallback box where it finds none, counted) and keep their whole frame.
+    aligned: a pre-aligned crop whose ``annotation`` box is only recorded: the stored image is the whole
+    frame, not a crop around the box (RAF-DB aligned with ``--boxes``).
     size_hint: approximate encoded size in bytes (for ``--max-shard-bytes`` planning).
     """
 
@@ -36,6 +39,7 @@ class FaceRecord:
     box: Optional[Tuple[float, float, float, float]] = None
     box_source: str = "frame"
     size_hint: int = 0
+    aligned: bool = False
 
 
 @dataclasses.dataclass

@@ -1,10 +1,13 @@
 """FaceMix (SSFER): mixup whose real-pair loss is weighted by 1 - IoU of the two faces' boxes.
 
 Pure and seedable: :func:`facemix` never modifies its inputs; with the same ``rng`` seed it returns the
-same mix. Loss (as SSFER's reference code computes it, with smoothed one-hot targets)::
+same mix. Loss (as SSFER's reference code computes it)::
 
     L = mean_i CE(f(x~_i), y~_i) + mean_i (1 - IoU_ij) * [CE(f(x_i), y_i) + CE(f(x_j), y_j)]
-    x~_i = lam x_i + (1 - lam) x_j,   y~_i = lam y_i + (1 - lam) y_j,   lam ~ Beta(alpha, alpha)
+    x~_i = lam x_i + (1 - lam) x_j,   y~_i = lam s(y_i) + (1 - lam) s(y_j),   lam ~ Beta(alpha, alpha)
+
+where s() is label smoothing: it reaches the mixed targets only; the real-image term uses the hard
+labels y_i, y_j (SSFER's fine-tune.py: plain CrossEntropyLoss there). ``smooth_real=True`` smooths both.
 
 with j = N-1-i (``pairing="reverse"``, SSFER) or a random permutation (``"random"``).
 """
@@ -26,7 +29,7 @@ class FaceMixBatch:
 
     images: torch.Tensor       # [N, 3, H, W] mixed images
     targets: torch.Tensor      # [N, C] mixed smoothed one-hots
-    real_targets: torch.Tensor  # [N, C] smoothed one-hots of the unmixed labels
+    real_targets: torch.Tensor  # [N, C] one-hots of the unmixed labels (hard; smoothed with smooth_real)
     index: torch.Tensor        # [N] long: partner j of each i
     lam: float
     iou: torch.Tensor          # [N] IoU of box i and box j
@@ -61,8 +64,11 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def facemix(images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, num_classes: int,
             alpha: float = 1.0, pairing: str = "reverse", smoothing: float = 0.1,
-            rng: Union[None, int, np.random.Generator] = None, lam: Optional[float] = None) -> FaceMixBatch:
+            rng: Union[None, int, np.random.Generator] = None, lam: Optional[float] = None,
+            smooth_real: bool = False) -> FaceMixBatch:
     """Mix a batch (images [N,3,H,W], labels [N], boxes [N,4] in the images' pixel frame); inputs untouched.
+
+    ``smoothing`` applies to the mixed targets; the real targets stay hard unless ``smooth_real``.
 
     ``rng`` (a seed or ``numpy.random.Generator``) draws lam ~ Beta(alpha, alpha) (unless ``lam`` is given)
     and, for ``pairing="random"``, the permutation.
@@ -80,8 +86,9 @@ def facemix(images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, num
     mixed = images * lam + images[index] * (1.0 - lam)          # new tensor; inputs unchanged
     y = smooth_one_hot(labels, num_classes, smoothing)
     targets = y * lam + y[index] * (1.0 - lam)
+    real = y if smooth_real else smooth_one_hot(labels, num_classes, 0.0)
     iou = box_iou_pairs(boxes, boxes[index]).to(images.device)
-    return FaceMixBatch(mixed, targets, y, index, lam, iou, 1.0 - iou)
+    return FaceMixBatch(mixed, targets, real, index, lam, iou, 1.0 - iou)
 
 
 def facemix_loss(logits_mixed: torch.Tensor, logits_real: torch.Tensor, mix: FaceMixBatch) -> dict:

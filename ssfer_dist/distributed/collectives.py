@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["comm_device", "all_reduce_sum", "all_reduce_mean", "sum_ints", "barrier", "is_distributed",
-           "world_size", "install_guard", "maybe_install_guard", "CommGuardError"]
+__all__ = ["comm_device", "all_reduce_sum", "all_reduce_max", "all_reduce_mean", "sum_ints", "barrier",
+           "is_distributed", "world_size", "install_guard", "maybe_install_guard", "CommGuardError"]
 
 GUARD_ENV = "SSFER_COMM_GUARD"   # test-only: "1" makes the worker install :func:`install_guard`
 _placed_hook = None              # set by the guard: sees every tensor this module hands to torch.distributed
@@ -64,6 +64,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         return t
     c = _place(t)
     dist.all_reduce(c, op=dist.ReduceOp.SUM)
+    return t if c is t else t.copy_(c)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``t`` over all ranks, on ``t``'s device (in place like
+    :func:`all_reduce_sum`). Every element of the result is a value some rank held: FlexMatch records
+    one rank's pseudo-label per sample this way (``-1`` = no label), never a blend of two."""
+    if not is_distributed():
+        return t
+    c = _place(t)
+    dist.all_reduce(c, op=dist.ReduceOp.MAX)
     return t if c is t else t.copy_(c)
 
 

@@ -108,6 +108,16 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
             w = os.path.join(w, "model.safetensors")
         if not storage.exists(w):
             raise UserError(f"init.weights: {w}: weights file not found")
+    eval_urls: List[str] = []
+    eval_n = 0
+    if cfg.eval.shards:
+        em = _read_manifest(cfg.eval.shards, "eval.shards")
+        if em.num_classes == 0:
+            raise UserError(f"eval.shards: {em.url} is unlabeled; evaluation needs labeled shards")
+        if em.num_classes != labeled.num_classes:
+            raise UserError(f"eval.shards: {em.url} has {em.num_classes} classes, data.shards "
+                            f"{labeled.num_classes}")
+        eval_urls, eval_n = _check_shards(em, "eval.shards"), em.num_samples
     d = derived(cfg, labeled.num_samples)
     plan = LaunchPlan(
         stage=stage.name, run_url=run_url(cfg), shard_urls=tuple(urls), num_samples=labeled.num_samples,
@@ -117,8 +127,9 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
         num_classes=labeled.num_classes if stage.needs_labels else 0,
         class_names=tuple(labeled.class_names) if stage.needs_labels else (),
         unlabeled=tuple(unl), num_unlabeled=first,
-        register_s3=any(storage.is_s3(x) for x in [cfg.data.shards] + [u.shards for u in cfg.data.unlabeled]),
-        datasets=tuple(dict.fromkeys(d for d in datasets if d)))
+        register_s3=any(storage.is_s3(x) for x in [cfg.data.shards, cfg.eval.shards or ""]
+                        + [u.shards for u in cfg.data.unlabeled]),
+        datasets=tuple(dict.fromkeys(d for d in datasets if d)), eval_urls=tuple(eval_urls), eval_num_samples=eval_n)
     stage.preflight(StageConfigs.of(cfg), plan)
     if check_storage:
         try:

@@ -16,7 +16,8 @@ and no policy reads a device value to the host: a training step with any policy 
 - :class:`FreeMatchThreshold` tau_t = m tau + (1-m) mean(max p); p~_t = m p~ + (1-m) mean(p); mask
                              max p >= tau_t * p~[y^] / max(p~); tau_0 = 1/C, p~_0 = 1/C, m = 0.999.
 - :class:`FlexMatchThreshold` per-sample selected labels (indexed by a stable sample id) -> class
-                             learning effect sigma_c; mask max p >= tau * sigma_c / (2 - sigma_c).
+                             learning effect sigma_c; mask max p >= tau * sigma_c / (2 - sigma_c);
+                             exchanged with a max-reduce (one label a rank gave per sample).
 """
 from __future__ import annotations
 
@@ -189,14 +190,19 @@ class FreeMatchThreshold(ThresholdPolicy):
 
 class FlexMatchThreshold(ThresholdPolicy):
     """FlexMatch (convex mapping, threshold warm-up). Needs ``sample_ids`` in [0, num_samples) — a stable
-    index such as the manifest row. Cross-rank updates are exchanged as two dense [num_samples] vectors."""
+    index such as the manifest row. Cross-rank updates are exchanged as one dense int32 [num_samples] vector
+    of the labels selected this step (-1: none) through ``all_reduce_max``, a callable taking the element-wise
+    maximum over ranks in place. When one sample id is selected on two ranks (or twice on one) with different
+    pseudo-labels, the larger label wins: always a label some rank gave, never a blend (an average of labels
+    1 and 4 would record class 3, which nobody predicted)."""
 
     name = "flexmatch"
     _state = ("selected", "acc")
 
     def __init__(self, num_classes: int, num_samples: int, tau: float = 0.95, warmup: bool = True,
-                 all_reduce: Optional[AllReduce] = None):
+                 all_reduce: Optional[AllReduce] = None, all_reduce_max: Optional[AllReduce] = None):
         super().__init__(num_classes, all_reduce)
+        self.all_reduce_max: AllReduce = all_reduce_max or _identity
         self.tau, self.warmup, self.num_samples = float(tau), bool(warmup), int(num_samples)
         self.selected = torch.full((self.num_samples,), -1, dtype=torch.long)
         self.acc = torch.zeros(num_classes, dtype=torch.float64)
@@ -216,14 +222,13 @@ class FlexMatchThreshold(ThresholdPolicy):
         maxp, pseudo = probs.float().max(dim=-1)
         acc = self.acc.float()[pseudo]
         mask = (maxp >= self.tau * acc / (2.0 - acc)).float()
-        sel = (maxp >= self.tau).float()
         ids = sample_ids.to(probs.device).long()
-        upd = torch.zeros(2, self.num_samples, dtype=torch.float32, device=probs.device)  # sums of (label+1), counts
-        upd[0].index_add_(0, ids, (pseudo.float() + 1) * sel)
-        upd[1].index_add_(0, ids, sel)
-        upd = self.all_reduce(upd)
-        hit = upd[1] > 0
-        self.selected = torch.where(hit, (upd[0] / upd[1].clamp(min=1)).round().long() - 1, self.selected)
+        # this step's selected label per sample id (-1: none); duplicates within the batch: the max, deterministic
+        lab = torch.where(maxp >= self.tau, pseudo, torch.full_like(pseudo, -1)).to(torch.int32)
+        upd = torch.full((self.num_samples,), -1, dtype=torch.int32, device=probs.device)
+        upd.scatter_reduce_(0, ids, lab, reduce="amax", include_self=True)
+        upd = self.all_reduce_max(upd)
+        self.selected = torch.where(upd >= 0, upd.long(), self.selected)
         self._update_acc()
         return mask, pseudo
 
@@ -239,7 +244,8 @@ class FlexMatchThreshold(ThresholdPolicy):
 
 
 def build_threshold(kind: str, num_classes: int, all_reduce: Optional[AllReduce] = None, **kw) -> ThresholdPolicy:
-    """``kind``: fixed (tau) | dtm (tau0, momentum, floor) | freematch (momentum) | flexmatch (num_samples, tau)."""
+    """``kind``: fixed (tau) | dtm (tau0, momentum, floor) | freematch (momentum) |
+    flexmatch (num_samples, tau, warmup, all_reduce_max)."""
     table = {"fixed": FixedThreshold, "dtm": DTMThreshold, "freematch": FreeMatchThreshold,
              "flexmatch": FlexMatchThreshold}
     if kind not in table:

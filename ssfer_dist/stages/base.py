@@ -95,11 +95,15 @@ class Stage:
     needs_labels: bool = True         # pre-flight: data.shards must be labeled (num_classes, class names)
     needs_unlabeled: bool = False     # pre-flight / config: reads data.unlabeled
     layer_decay: bool = True          # optim.layer_decay applies to its parameter groups
+    model_ema: bool = False           # train.model_ema: the stage keeps an EMA of the weights (eval_module)
 
     # ---- config and pre-flight
     def check_config(self, sub: StageConfigs) -> List[Tuple[str, str]]:
         """Cross-field problems as (key path, message); the config loader raises the first."""
         out = []
+        if sub.train.model_ema and not self.model_ema:
+            out.append(("train.model_ema", f"the {self.name} stage keeps no model EMA (facemix does; semisup "
+                                           f"evaluates its EMA teacher with semisup.eval_model: teacher)"))
         if self.needs_unlabeled:
             if not sub.data.unlabeled:
                 out.append(("data.unlabeled", f"{self.name} needs at least one unlabeled source"))
@@ -158,6 +162,11 @@ class Stage:
         return param_groups(model, weight_decay=sub.optim.weight_decay, layer_decay=ld)
 
     # ---- outputs
+    def eval_module(self, sub: StageConfigs, task: Task) -> Optional[nn.Module]:
+        """The full (never sharded) module evaluation and export use instead of the trained one — a model
+        EMA, a teacher — or None: the trained module itself."""
+        return None
+
     def export(self, sub: StageConfigs, plan: LaunchPlan, task: Task, sd: Dict[str, torch.Tensor]
                ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         """(state dict, meta) for ``models.io.save_weights``; by default the classifier (``kind: classifier``)."""

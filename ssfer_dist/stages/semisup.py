@@ -2,7 +2,7 @@
 fixed / DTM / FreeMatch / FlexMatch thresholds) → the final classifier."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from ssfer_dist.tasks import SemiSupervised
 from ssfer_dist.tasks.base import Task
 from ssfer_dist.train.plan import LaunchPlan
 
-# FlexMatch all-reduces two dense float32 vectors over the unlabeled set every step (16 MB at 2 M)
+# FlexMatch max-reduces one dense int32 vector over the unlabeled set every step (8 MB at 2 M)
 MAX_FLEXMATCH_SAMPLES = 2_000_000
 
 
@@ -33,7 +33,7 @@ class SemiSupStage(Stage):
         n = plan.num_unlabeled
         if n > MAX_FLEXMATCH_SAMPLES:
             raise UserError(f"semisup.threshold.kind: flexmatch keeps state per unlabeled sample and all-reduces "
-                            f"2 x {n:,} values every step; use at most {MAX_FLEXMATCH_SAMPLES:,} unlabeled samples "
+                            f"{n:,} values every step; use at most {MAX_FLEXMATCH_SAMPLES:,} unlabeled samples "
                             f"(e.g. the FER remainder) or a per-class threshold (dtm, freematch)")
 
     def views(self, sub: StageConfigs) -> Views:
@@ -64,13 +64,18 @@ class SemiSupStage(Stage):
                               "dtm": {"tau0": th.dtm_init, "momentum": th.dtm_momentum},
                               "freematch": {"momentum": th.freematch_momentum},
                               "flexmatch": {"num_samples": int(plan.num_unlabeled), "tau": th.flexmatch_tau,
-                                            "warmup": th.flexmatch_warmup}}[th.kind]
+                                            "warmup": th.flexmatch_warmup,
+                                            "all_reduce_max": collectives.all_reduce_max}}[th.kind]
         threshold = build_threshold(th.kind, plan.num_classes, all_reduce=collectives.all_reduce_sum, **kw)
         teacher = EMATeacher(model, decay=s.ema_decay, device=device)
         task = SemiSupervised(model, teacher, threshold, plan.num_classes, lambda_u=s.lambda_u, mu=sub.data.mu,
                               smoothing=s.label_smoothing, round_steps=th.dtm_every if th.kind == "dtm" else 0,
                               input_dtype=None if dtype == torch.float32 else dtype)
         return task, model
+
+    def eval_module(self, sub: StageConfigs, task: Task) -> Optional[nn.Module]:
+        """``semisup.eval_model: teacher``: the EMA teacher (this run's, never a stale stage-2 model)."""
+        return task.teacher.module if sub.section.eval_model == "teacher" else None
 
 
 STAGE = SemiSupStage()

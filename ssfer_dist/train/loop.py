@@ -29,6 +29,7 @@ from ssfer_dist.distributed.engine import (
     build_optimizer,
     consolidated_state_dict,
     ds_config,
+    engine_dtype,
     gather_ctx,
     set_lr,
 )
@@ -76,6 +77,66 @@ def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
         while True:
             time.sleep(3600)
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
+
+
+def export_state_dict(stage, sub: StageConfigs, task, engine, zero_stage: int, rank: int):
+    """The weights to export, full and fp32 on rank 0 (None elsewhere): the stage's ``eval_module`` (model
+    EMA, semisup teacher: full copies on every rank, nothing to gather) or else the trained module
+    (consolidated: every rank takes part in the ZeRO-3 gather)."""
+    em = stage.eval_module(sub, task)
+    if em is None:
+        return consolidated_state_dict(engine, zero_stage)
+    if rank != 0:
+        return None
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+            for k, v in em.state_dict().items()}
+
+
+def hparams(cfg, plan: LaunchPlan) -> Dict[str, Any]:
+    """The run's hyper-parameters for TensorBoard: the config tree (flat keys; run/debug/failure housekeeping
+    left out) plus the plan's derived values (``plan.*``)."""
+    from ssfer_dist.config import to_dict
+    from ssfer_dist.train.metrics import flatten
+
+    tree = {k: v for k, v in to_dict(cfg).items() if k not in ("debug", "failure")}
+    out = flatten(tree)
+    for k in ("num_ranks", "global_batch", "effective_lr", "steps_per_epoch", "total_steps", "warmup_steps",
+              "num_samples", "num_classes", "eval_num_samples"):
+        out[f"plan.{k}"] = getattr(plan, k)
+    return out
+
+
+def write_export(stage, sub: StageConfigs, plan: LaunchPlan, task, sd, url: str, extra_json=None) -> None:
+    """Rank 0: the stage's export of ``sd`` to ``url`` (``…/model.safetensors``), plus ``eval.json`` beside it
+    when ``extra_json`` is given."""
+    import json
+
+    from ssfer_dist.models.io import save_weights
+
+    state_dict, meta = stage.export(sub, plan, task, sd)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model.safetensors")
+        save_weights(local, state_dict, meta)
+        storage.put_file(local, url)
+        if extra_json is not None:
+            storage.put_bytes(storage.join(url.rsplit("/", 1)[0], "eval.json"),
+                              json.dumps(extra_json, indent=2, sort_keys=True).encode())
+
+
+def evaluate_now(stage, sub: StageConfigs, task, engine, evaluator, dtype) -> Dict[str, Any]:
+    """One evaluation of what the stage evaluates (``eval_module``, else the trained module in eval mode);
+    every rank takes part. Returns the ``eval_*`` record keys."""
+    from ssfer_dist.train.evaluation import eval_record
+
+    em = stage.eval_module(sub, task)
+    if em is not None:
+        return eval_record(evaluator.metrics(em, None), "ema")
+    engine.module.eval()
+    try:
+        m = evaluator.metrics(engine, None if dtype == torch.float32 else dtype)
+    finally:
+        engine.module.train()
+    return eval_record(m, "trained")
 
 
 def train_loop_per_worker(payload: Dict[str, Any]) -> None:
@@ -177,8 +238,9 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     if rank == 0:
         from ssfer_dist.train.metrics import MetricsLog
 
-        metrics_log = MetricsLog(plan.run_url, tensorboard=cfg.train.tensorboard)
+        metrics_log = MetricsLog(plan.run_url, tensorboard=cfg.train.tensorboard, class_names=plan.class_names)
         metrics_log.truncate_after(state.step)
+        metrics_log.log_hparams(hparams(cfg, plan))
 
     bpe = plan.steps_per_epoch * ga             # micro-batches per epoch per rank
     d = cfg.data
@@ -199,6 +261,12 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
         if rank == 0:
             log.warning("data.replay_batches=%d: training on the same %d micro-batches over and over",
                         d.replay_batches, d.replay_batches)
+    evaluator = None
+    if plan.eval_urls:                           # evaluation while training (eval.shards)
+        from ssfer_dist.train.evaluation import TrainingEval
+
+        evaluator = TrainingEval(plan.eval_urls, plan.class_names, cfg.model.img_size,
+                                 cfg.eval.batch_size_per_rank, rank, world, device, d.max_member_bytes)
 
     global_batch = plan.global_batch
     corrupt_by_lane: Dict[int, int] = {}
@@ -219,7 +287,9 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
 
         is_last = state.step >= total
         do_ckpt = is_last or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0)
-        do_log = do_ckpt or state.step % cfg.train.log_every == 0
+        do_eval = evaluator is not None and (is_last or (cfg.eval.every_steps > 0
+                                                         and state.step % cfg.eval.every_steps == 0))
+        do_log = do_ckpt or do_eval or state.step % cfg.train.log_every == 0
         if cfg.train.preview_every and state.step % cfg.train.preview_every == 0:
             stage.preview(task, batch, state.step, plan.run_url, metrics_log, rank)
         if not do_log:
@@ -235,6 +305,25 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
                   "steps_per_s": sps, "images_per_s": sps * global_batch, "corrupt_samples": state.corrupt_samples,
                   "data_position": state.micro_batch, "batch_digest": keys_digest, "time": now}
         record.update(avg)
+        if do_eval:
+            watchdog.beat(f"step {state.step}: evaluation")
+            ev = evaluate_now(stage, sub, task, engine, evaluator, engine_dtype(cfg.train))
+            value = ev[f"eval_{cfg.eval.best_metric}"]
+            best = state.best_eval is None or value > state.best_eval   # the same on every rank
+            ev["eval_best"] = bool(best)
+            record.update(ev)
+            if best:
+                state.best_eval, state.best_step = value, state.step
+                watchdog.beat(f"step {state.step}: export/best")
+                sd_best = export_state_dict(stage, sub, task, engine, cfg.train.zero_stage, rank)
+                if rank == 0:
+                    write_export(stage, sub, plan, task, sd_best,
+                                 storage.join(plan.run_url, "export", "best", "model.safetensors"),
+                                 {"step": state.step, "metric": cfg.eval.best_metric, **ev})
+            if rank == 0:
+                log.info("[%s] step %d eval: accuracy %.4f  mean class accuracy %.4f  macro-F1 %.4f%s", label,
+                         state.step, ev["eval_accuracy"], ev["eval_mean_class_accuracy"], ev["eval_macro_f1"],
+                         "  (best)" if best else "")
         if metrics_log is not None:
             from ssfer_dist.train.metrics import format_progress
 
@@ -254,16 +343,10 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
 
     # ---- export consolidated weights (every rank takes part in the ZeRO-3 gather)
     watchdog.beat("export")
-    sd = consolidated_state_dict(engine, cfg.train.zero_stage)
+    sd = export_state_dict(stage, sub, task, engine, cfg.train.zero_stage, rank)
     export_url = storage.join(plan.run_url, "export", "model.safetensors")
     if rank == 0:
-        from ssfer_dist.models.io import save_weights
-
-        state_dict, meta = stage.export(sub, plan, task, sd)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "model.safetensors")
-            save_weights(local, state_dict, meta)
-            storage.put_file(local, export_url)
+        write_export(stage, sub, plan, task, sd, export_url)
         log.debug("[%s] weights: %s", label, export_url)
         if metrics_log is not None:
             metrics_log.close()

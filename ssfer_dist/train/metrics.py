@@ -1,5 +1,11 @@
 """Run metrics (rank 0): ``metrics.jsonl`` + TensorBoard events in the run folder, and a progress line.
 
+TensorBoard tags are grouped (:func:`tb_tag`): ``train/…`` (losses, accuracies, lr, the task's metrics),
+``eval/…`` (evaluation while training, plus ``eval/confusion`` as an image), ``data/…`` (epoch, samples seen,
+data position, corrupt samples), ``sys/…`` (throughput); housekeeping values (``batch_digest``, ``time``)
+stay in ``metrics.jsonl`` only. :meth:`MetricsLog.log_hparams` records the run's config in the HParams
+dashboard (and as text).
+
 For a local run folder both are written in place. For ``s3://`` run folders they are written to a
 local staging folder and uploaded by :meth:`MetricsLog.sync` (at checkpoints and at the end); a
 resumed run first downloads the existing ``metrics.jsonl`` so the log stays one continuous file.
@@ -12,13 +18,49 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Optional
 
 from ssfer_dist import storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLog", "format_progress"]
+__all__ = ["MetricsLog", "format_progress", "tb_tag", "flatten"]
+
+HIDDEN = frozenset({"step", "time", "batch_digest"})          # metrics.jsonl only, never charted
+SYS = frozenset({"steps_per_s", "images_per_s"})
+DATA = frozenset({"epoch", "samples_seen", "corrupt_samples", "data_position"})
+# the HParams dashboard's metric columns (shown when the run logs them)
+HPARAM_METRICS = ("eval/accuracy", "eval/mean_class_accuracy", "eval/macro_f1", "train/loss")
+
+
+def tb_tag(key: str) -> Optional[str]:
+    """The TensorBoard tag of a metrics-line key, or None when it is not charted (see the module docstring)."""
+    if key in HIDDEN:
+        return None
+    if "/" in key:
+        return key
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    if key in SYS:
+        return "sys/" + key
+    if key in DATA:
+        return "data/" + key
+    return "train/" + key
+
+
+def flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """A nested config dict as ``{"a.b": scalar}`` (lists and None as their text): HParams values."""
+    out: Dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    if isinstance(tree, (bool, int, float, str)):
+        out[key] = tree
+    else:
+        out[key] = json.dumps(tree)
+    return out
 
 
 def format_progress(stage: str, step: int, total: int, steps_per_s: float, images_per_s: float,
@@ -33,8 +75,9 @@ def format_progress(stage: str, step: int, total: int, steps_per_s: float, image
 class MetricsLog:
     """Append-only metrics for one run (only instantiate on rank 0)."""
 
-    def __init__(self, run_url: str, tensorboard: bool = True) -> None:
+    def __init__(self, run_url: str, tensorboard: bool = True, class_names: Iterable[str] = ()) -> None:
         self.run_url = run_url
+        self.class_names = list(class_names)          # labels of the eval confusion image
         self.remote = storage.is_s3(run_url)
         self.local_dir = tempfile.mkdtemp(prefix="ssfer-metrics-") if self.remote else run_url
         os.makedirs(self.local_dir, exist_ok=True)
@@ -81,8 +124,40 @@ class MetricsLog:
         if self._tb is not None:
             step = int(record.get("step", 0))
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+                tag = tb_tag(k)
+                if tag and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(tag, v, step)
+            conf = record.get("eval_confusion")
+            if conf is not None and len(self.class_names) == len(conf):
+                self._confusion_image(conf, self.class_names, step)
+
+    def _confusion_image(self, conf, names, step: int) -> None:
+        """``eval/confusion``: the PNG ``ssfer evaluate`` draws, as a TensorBoard image."""
+        import numpy as np
+        from PIL import Image
+
+        from ssfer_dist.evaluate import confusion_png
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "confusion.png")
+            confusion_png(np.asarray(conf), list(names), path, title=f"step {step}")
+            with Image.open(path) as im:
+                hwc = np.asarray(im.convert("RGB"))
+        self._tb.add_image("eval/confusion", hwc, step, dataformats="HWC")
+
+    def log_hparams(self, hparams: Dict[str, Any], metrics: Iterable[str] = HPARAM_METRICS) -> None:
+        """The run's hyper-parameters (flat ``{"optim.lr": 1e-3, …}``) in TensorBoard's HParams dashboard,
+        with ``metrics`` (tags this run charts) as its columns, and as a text table under ``config``."""
+        if self._tb is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hp_summary
+
+        exp, ssi, sei = hp_summary(hparams, {m: 0.0 for m in metrics})
+        writer = self._tb._get_file_writer()
+        for summ in (exp, ssi, sei):
+            writer.add_summary(summ)
+        rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(hparams.items()))
+        self._tb.add_text("config", "| key | value |\n|---|---|\n" + rows, 0)
 
     def add_image(self, tag: str, chw, step: int) -> None:
         if self._tb is not None:

@@ -43,3 +43,5 @@ class LaunchPlan:
     num_unlabeled: int = 0
     register_s3: bool = False
     datasets: Tuple[str, ...] = ()   # the manifests' dataset names (labeled / MAE first), for the export
+    eval_urls: Tuple[str, ...] = ()   # eval.shards' shard URLs (empty: no evaluation while training)
+    eval_num_samples: int = 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 __all__ = ["TrainState"]
 
@@ -20,6 +20,8 @@ class TrainState:
     micro_batch: int = 0             # this rank's next micro-batch index (data position)
     seeds: Dict[str, int] = dataclasses.field(default_factory=dict)
     corrupt_samples: int = 0         # corrupt samples skipped so far (all ranks)
+    best_eval: Optional[float] = None  # the best eval.best_metric so far (evaluation while training) ...
+    best_step: int = 0               # ... and the step whose weights are in export/best/
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
