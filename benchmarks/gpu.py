@@ -7,6 +7,7 @@
 3. **loop**: the real loop under torchrun on 1 GPU — MAE, FaceMix and semi-supervised stages of
    ``configs/gpu_smoke_*.yaml`` on shards made on the spot: each loss falls, each export is written;
    the semi-supervised stage is failed on purpose half-way and rerun, and must resume from its checkpoint;
+   the classifier stages evaluate on a held-out split while training and export their best step;
    the MAE stage's img/s ÷ the bare 112-px step's img/s (same model, batch, compile setting).
 
 Targets (benchmarks, not tests): MAE ViT-B/16 bf16 at 224 px ≥ 40 % MFU; loop ≥ 0.9× the bare step.
@@ -146,10 +147,10 @@ def real_loop(work: str, smoke: bool, timeout: float) -> Dict[str, Any]:
                                                         "model.decoder_heads=2", "data.batch_size_per_rank=16",
                                                         "train.max_steps=20", "checkpoint.every_steps=10"]
                                                        if smoke else []),
-        "finetune": [f"data.shards={shards['labeled']}",
+        "finetune": [f"data.shards={shards['labeled']}", f"eval.shards={shards['test']}",
                      f"init.weights={os.path.join(runs, 'gpu-smoke-pretrain', 'export', 'model.safetensors')}"]
         + (["data.batch_size_per_rank=8", "train.max_steps=16", "checkpoint.every_steps=8"] if smoke else []),
-        "semisup": [f"data.shards={shards['labeled']}",
+        "semisup": [f"data.shards={shards['labeled']}", f"eval.shards={shards['test']}",
                     f"init.weights={os.path.join(runs, 'gpu-smoke-finetune', 'export', 'model.safetensors')}",
                     f"data.unlabeled=[{{shards: {shards['unlabeled']}, weight: 0.7}}, "
                     f"{{shards: {shards['fr']}, weight: 0.3}}]"]
@@ -185,8 +186,15 @@ def real_loop(work: str, smoke: bool, timeout: float) -> Dict[str, Any]:
             st["loss_falls"] = bool(st["loss_first"] is not None and st["loss_last"] < st["loss_first"])
             ips = [r["images_per_s"] for r in recs[1:-1]] or [r["images_per_s"] for r in recs]
             st["img_per_s_median"] = statistics.median(ips)
+            evals = [r for r in recs if "eval_accuracy" in r]
+            if evals:                            # evaluation while training (classifier stages)
+                st["eval_accuracy_last"] = evals[-1]["eval_accuracy"]
+                st["eval_macro_f1_last"] = evals[-1]["eval_macro_f1"]
         st["export"] = os.path.exists(os.path.join(runs, run_name, "export", "model.safetensors"))
         checks = [st["exit"] == 0, st.get("loss_falls", False), st["export"]]
+        if name != "pretrain":
+            st["export_best"] = os.path.exists(os.path.join(runs, run_name, "export", "best", "model.safetensors"))
+            checks += [st["export_best"], "eval_accuracy_last" in st]
         if name == "semisup":
             checks += [st["failed_as_planned"], st["resumed"]]
         st["ok"] = all(checks)

@@ -49,6 +49,8 @@ def test_gpu_check_cpu_smoke_runs_three_stages_and_a_resume_without_ray(tmp_path
     for name, st in stages.items():
         assert st["ok"] and st["exit"] == 0 and st["export"] and st["loss_falls"], (name, st)
     assert stages["semisup"]["failed_as_planned"] and stages["semisup"]["resumed"]
+    for name in ("finetune", "semisup"):                  # evaluation while training, best step exported
+        assert stages[name]["export_best"] and 0 <= stages[name]["eval_accuracy_last"] <= 1
     assert stages["pretrain"]["steps"] == 20 and s["loop_vs_bare"] > 0
     runs = tmp_path / "work" / "runs"
     for name in ("pretrain", "finetune", "semisup"):
