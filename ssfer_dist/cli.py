@@ -54,6 +54,23 @@ def _cmd_pipeline(a) -> int:
     return pipeline_from_cli(a.config, a.overrides, dry_run=a.dry_run)
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="label fractions x folds x models, one run per cell, then a mean ± std table",
+                       **_common())
+    p.add_argument("config", help="sweep YAML (see configs/sweep_rafdb.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the sweep YAML, e.g. --set folds=1 (repeatable)")
+    p.add_argument("--table-only", action="store_true", help="write the table of the cells finished so far, "
+                                                              "train nothing")
+    p.set_defaults(handler=_cmd_sweep)
+
+
+def _cmd_sweep(a) -> int:
+    from ssfer_dist.sweep import sweep_from_cli
+
+    return sweep_from_cli(a.config, a.overrides, table_only=a.table_only)
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on shards", **_common())
     p.add_argument("--weights", required=True, help="classifier weights (.safetensors or an export/ folder)")
@@ -175,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true",
                    help="console: every line, Ray's and the libraries' too (always in the run's log file)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_pipeline, _add_evaluate, _add_predict, _add_export, _add_demo):
+    for add in (_add_run, _add_pipeline, _add_sweep, _add_evaluate, _add_predict, _add_export, _add_demo):
         add(sub)
     return parser
 

@@ -55,11 +55,12 @@ def test_importing_pure_packages_loads_no_ray_or_deepspeed():
 
 # ------------------------------------------------------------------------- sharding -> ssfer_dist, one way
 # sharding/ builds on the core of ssfer_dist (the shard contract and the helpers both sides need); no library
-# module of ssfer_dist imports sharding. The demo, the application that drives both, is the one exception.
+# module of ssfer_dist imports sharding. The demo and the sweep, the applications that drive both, are the
+# exceptions.
 CORE = ("ssfer_dist.errors", "ssfer_dist.storage", "ssfer_dist.typed", "ssfer_dist.detect",
         "ssfer_dist.data.schema", "ssfer_dist.data.manifest", "ssfer_dist.data.tario", "ssfer_dist.worker_env",
         "ssfer_dist.data.safeimage")
-DRIVES_BOTH = {"ssfer_dist/demo.py"}
+DRIVES_BOTH = {"ssfer_dist/demo.py", "ssfer_dist/sweep.py"}
 
 
 def _imported_modules(path: pathlib.Path):
