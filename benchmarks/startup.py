@@ -11,7 +11,7 @@ progress line. Phases come from the console (seconds since the command started) 
 - ``first step``     rank 0's ``step 1/`` line (torch/DeepSpeed in the workers, engine, data pipeline);
 - ``exit``           the process ended (the remaining steps, export, Ray shutdown).
 
-    python benchmarks/startup.py [--repeat 3] [--steps 3]
+    python benchmarks/startup.py [--repeat 3] [--steps 3] [--launcher ray|torchrun]
 
 Prints each run's phases and min / median per phase. The target is ``first step`` <= 15 s on an idle
 2-core machine; on a shared machine the load average is printed next to the numbers.
@@ -39,11 +39,11 @@ def _clock(text: str) -> float:
     return int(h) * 3600 + int(m) * 60 + float(s)
 
 
-def one_run(shards: str, storage: str, name: str, steps: int) -> dict:
+def one_run(shards: str, storage: str, name: str, steps: int, launcher: str = "ray") -> dict:
     cmd = [sys.executable, "-m", "ssfer_dist.cli", "run", os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"),
            "--set", f"data.shards={shards}", "--set", f"run.storage={storage}", "--set", f"run.name={name}",
            "--set", f"train.max_steps={steps}", "--set", "train.log_every=1", "--set", "checkpoint.every_steps=0",
-           "--set", "train.preview_every=0"]
+           "--set", "train.preview_every=0", "--launcher", launcher]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     midnight = time.mktime(time.localtime(t0)[:3] + (0, 0, 0, 0, 0, -1))      # log clocks are local times
@@ -79,6 +79,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs (default 3)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
+    ap.add_argument("--launcher", default="ray", choices=["ray", "torchrun"],
+                    help="ssfer run --launcher (torchrun: no Ray phases)")
     a = ap.parse_args()
     from ssfer_dist.train.debugdata import write_debug_shards
 
@@ -87,12 +89,12 @@ def main() -> int:
     runs = []
     for i in range(a.repeat):
         load = os.getloadavg()[0]
-        r = one_run(shards, os.path.join(tmp, "runs"), f"startup-{i}", a.steps)
+        r = one_run(shards, os.path.join(tmp, "runs"), f"startup-{i}", a.steps, a.launcher)
         runs.append(r)
         print(f"run {i + 1}: " + "  ".join(f"{k} {r[k]:.1f}s" for k in PHASES if k in r)
               + f"   (load average before: {load:.1f}, {os.cpu_count()} CPUs)", flush=True)
     omp = os.environ.get("OMP_NUM_THREADS", "-")
-    print(f"\ncommand -> phase, seconds over {len(runs)} runs (OMP_NUM_THREADS={omp})")
+    print(f"\ncommand -> phase, seconds over {len(runs)} runs (launcher {a.launcher}, OMP_NUM_THREADS={omp})")
     print(f"{'phase':<12} {'min':>7} {'median':>7}")
     for k in PHASES:
         vals = [r[k] for r in runs if k in r]
