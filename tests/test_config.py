@@ -144,7 +144,13 @@ def test_cli_bad_config_is_one_line_nonzero(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))))
 def test_shipped_configs_validate(path):
     data = yaml.safe_load(open(path))
-    if "pretrain" in data:
+    if "fractions" in data:                       # a sweep: its models' stage configs with their overrides
+        from ssfer_dist.sweep import load_sweep
+
+        sw = load_sweep(path)
+        for m in sw.models:
+            assert load_config(m.config, m.overrides).train.stage in ("facemix", "semisup")
+    elif "pretrain" in data:
         p = load_pipeline(path)
         for name in ("pretrain", "finetune", "semisup"):
             assert os.path.exists(getattr(p, name).config), getattr(p, name).config
