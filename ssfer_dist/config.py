@@ -162,6 +162,7 @@ class FaceMixCfg:
     alpha: float = 1.0
     label_smoothing: float = 0.1      # on the mixed targets (and the plain-CE baseline)
     smooth_real: bool = False         # also smooth the real-image term's targets (SSFER: hard labels there)
+    real_term: bool = True            # False: plain mixup (no (1 - IoU)-weighted real-image term; a baseline)
     enabled: bool = True              # False: plain supervised fine-tuning (baseline)
 
 

@@ -1,24 +1,28 @@
 """``ssfer demo``: the README's first command — synthetic data → shards → MAE → FaceMix → semi-supervised
 → evaluation, all through the same code paths as real runs, on a local Ray with 2 workers, offline.
 
-1. ``ssfer_dist.synth`` draws a labeled FER set in RAF-DB's layout (face-filling aligned crops, train/test)
+1. ``ssfer_dist.synth`` draws a labeled FER set in RAF-DB's layout (aligned crops whose faces vary in scale
+   and position like real ones, ``FER_FACE_FRAC``; train/test)
    and a larger unlabeled face set in VGGFace2's folder-per-identity layout (faces in cluttered frames,
    exact boxes in ``loose_bb_train.csv``).
 2. The shard builder (``sharding.build.run_build`` — what ``ssfer-shard build`` runs) shards both;
    ``sharding.split.split_shards`` (``ssfer-shard split``) keeps a small labeled fraction per class and
    turns the rest of the FER train set into the unlabeled remainder.
-3. Four training runs through ``ssfer_dist.distributed.launch.run_stage`` (what ``ssfer run`` runs: Ray Train
+3. Five training runs through ``ssfer_dist.distributed.launch.run_stage`` (what ``ssfer run`` runs: Ray Train
    TorchTrainer + DeepSpeed ZeRO-2 on CPU, 2 gloo workers): MAE pretraining on the unlabeled faces;
    FaceMix fine-tuning of the MAE encoder on the labeled fraction; semi-supervised fine-tuning (EMA
-   teacher, fixed threshold) on labeled + unlabeled; and a supervised-from-scratch baseline with the
-   same recipe and label budget but no pretraining.
+   teacher, fixed threshold) on labeled + unlabeled; a supervised-from-scratch baseline with the
+   same recipe and label budget but no pretraining; and plain mixup (FaceMix without its real-image term)
+   from the same MAE encoder.
 4. ``ssfer_dist.evaluate`` scores each classifier on the synthetic test split and the demo prints a
    comparison table and where the outputs are.
 
-Note on boxes: RAF-DB's aligned images are face-filling crops, so the builder takes the whole frame as
-the face box (as it must for real RAF-DB). The FaceMix IoU of two labeled images is then 1 and the real-pair
-term has weight 0 — FaceMix reduces to mixup of aligned faces, exactly what it does on real aligned
-RAF-DB. The unlabeled set carries real, exact boxes (VGGFace2 layout) that the builder uses for cropping.
+Note on boxes: the labeled faces fill 80-100 % of their aligned frame at varying positions, and the shards
+record their exact boxes (``ssfer-shard build --format rafdb --boxes synth_boxes.csv``; on real aligned sets
+``--detector`` records detected boxes the same way) while the aligned frame stays the stored image. FaceMix's
+IoUs therefore vary and its (1 - IoU)-weighted real-image term takes part; the summary reports the mean IoU
+and the real term's share of the FaceMix loss from the run's metrics. The unlabeled set carries exact boxes
+too (VGGFace2 layout), which the builder uses for cropping.
 """
 from __future__ import annotations
 
@@ -41,7 +45,9 @@ log = logging.getLogger(__name__)
 __all__ = ["DemoPlan", "demo_plan", "run_demo", "demo_cli", "format_comparison"]
 
 MARKER = ".ssfer-demo"
-ROWS = (("scratch", "supervised from scratch"), ("facemix", "MAE + FaceMix"), ("semisup", "+ semi-supervised"))
+ROWS = (("scratch", "supervised from scratch"), ("mixup", "MAE + plain mixup"), ("facemix", "MAE + FaceMix"),
+        ("semisup", "+ semi-supervised"))
+FER_FACE_FRAC = (0.8, 1.0)     # the labeled faces' larger side as a fraction of the aligned frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +106,7 @@ def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str
     vgg = os.path.join(data, "vggface2")
     t0 = time.time()
     synth.write_rafdb(raf, plan.train_per_class, plan.test_per_class, seed=seed, image_size=64,
-                      progress=_progress("synthetic labeled FER set (RAF-DB layout)"))
+                      progress=_progress("synthetic labeled FER set (RAF-DB layout)"), face_frac=FER_FACE_FRAC)
     synth.write_identity_folders(vgg, plan.fr_identities, plan.fr_per_identity, seed=seed, image_size=96,
                                  progress=_progress("synthetic unlabeled face set (VGGFace2 layout)"))
     log.info("synthetic data in %.1fs: %s, %s", time.time() - t0, raf, vgg)
@@ -109,10 +115,11 @@ def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str
             "fr": os.path.join(shards, "fr"), "split": os.path.join(shards, "fer_split")}
     common = dict(image_size=plan.image_size, samples_per_shard=500, workers=workers, seed=seed, progress=False)
     # dataset names start with "synth": exports record them (trained_on) and `ssfer predict` warns
+    boxes = os.path.join(raf, "synth_boxes.csv")     # the faces' true boxes, recorded; the aligned frame is kept
     run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_train"], split="train", name="synthfer",
-                          **common))
+                          boxes=boxes, **common))
     run_build(BuildConfig(format="rafdb", input=raf, output=urls["fer_test"], split="test", name="synthfer",
-                          **common))
+                          boxes=boxes, **common))
     # box_scale 1.05: crop the unlabeled faces as tightly as the aligned labeled ones
     run_build(BuildConfig(format="image-folder", input=os.path.join(vgg, "train"), output=urls["fr"],
                           name="synthfr", box_scale=1.05, **common))
@@ -126,7 +133,7 @@ def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str
 # ------------------------------------------------------------------------------------------- configs
 
 def stage_configs(plan: DemoPlan, urls: Dict[str, str], runs: str, seed: int, num_workers: int) -> Dict[str, Any]:
-    """The four run configs (``ssfer_dist.config.Config``), built in code from the typed tree."""
+    """The five run configs (``ssfer_dist.config.Config``), built in code from the typed tree."""
     from ssfer_dist.config import from_dict
 
     b = plan.batch_per_rank
@@ -158,6 +165,8 @@ def stage_configs(plan: DemoPlan, urls: Dict[str, str], runs: str, seed: int, nu
     pretrain_export = os.path.join(runs, f"demo-s{seed}-pretrain", "export", "model.safetensors")
     ft = cfg("facemix", optim=ft_optim, train=ft_train, facemix={"alpha": 1.0, "label_smoothing": 0.1},
              init={"weights": pretrain_export})
+    mixup = cfg("mixup", optim=ft_optim, train=ft_train,
+                facemix={"alpha": 1.0, "label_smoothing": 0.1, "real_term": False}, init={"weights": pretrain_export})
     ft_export = os.path.join(runs, f"demo-s{seed}-facemix", "export", "model.safetensors")
     ssl = cfg("semisup", init={"weights": ft_export},
               data={"unlabeled": [{"shards": urls["unlabeled"], "weight": 0.8}, {"shards": urls["fr"], "weight": 0.2}],
@@ -165,7 +174,7 @@ def stage_configs(plan: DemoPlan, urls: Dict[str, str], runs: str, seed: int, nu
               optim={"lr": 5.0e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "warmup_steps": 10, "min_lr": 1.0e-5},
               train={"stage": "semisup", "max_steps": plan.semisup_steps, "zero_stage": 2, "log_every": 50},
               semisup={"lambda_u": 1.0, "ema_decay": 0.99, "threshold": {"kind": "fixed", "tau": 0.7}})
-    return {"pretrain": pre, "scratch": scratch, "facemix": ft, "semisup": ssl}
+    return {"pretrain": pre, "scratch": scratch, "mixup": mixup, "facemix": ft, "semisup": ssl}
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -202,8 +211,8 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
               t_start: float, log_path: str) -> Dict[str, Any]:
     from ssfer_dist import console
 
-    names = ("pretrain", "scratch", "facemix", "semisup")
-    count = len(names) + 2                   # data, four trainings, evaluation
+    names = ("pretrain", "scratch", "mixup", "facemix", "semisup")
+    count = len(names) + 2                   # data, five trainings, evaluation
     with console.stage(1, count, "synthetic data and shards"):
         urls = make_data(seed_dir, plan, seed)
     # torch / Ray imports after the data stage: the first lines appear at once
@@ -237,6 +246,7 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
     from ssfer_dist.data.manifest import read_manifest
 
     summary = {
+        "facemix_terms": facemix_terms(results["facemix"].run_url),
         "seed": seed, "quick": quick, "plan": dataclasses.asdict(plan), "rows": rows, "timings_s": timings,
         "num_labeled": read_manifest(urls["labeled"], with_index=False).num_samples,
         "num_unlabeled_fer": read_manifest(urls["unlabeled"], with_index=False).num_samples,
@@ -252,6 +262,15 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
     return summary
 
 
+def facemix_terms(run_url: str) -> Dict[str, float]:
+    """Mean FaceMix IoU and the real-image term's share of the loss over a FaceMix run's metric lines."""
+    lines = [json.loads(x) for x in open(os.path.join(run_url, "metrics.jsonl")) if x.strip()]
+    lines = [r for r in lines if "iou" in r and "real_share" in r]
+    n = max(1, len(lines))
+    return {"mean_iou": sum(r["iou"] for r in lines) / n, "real_share": sum(r["real_share"] for r in lines) / n,
+            "loss_real": sum(r["loss_real"] for r in lines) / n, "num_lines": len(lines)}
+
+
 def format_comparison(summary: Dict[str, Any]) -> str:
     """The comparison table and the output locations, as the demo prints them."""
     s = summary
@@ -262,6 +281,10 @@ def format_comparison(summary: Dict[str, Any]) -> str:
     for key, label in ROWS:
         r = s["rows"][key]
         lines.append(f"{label:<26} {r['accuracy']:>8.3f} {r['mean_class_accuracy']:>14.3f} {r['macro_f1']:>8.3f}")
+    t = s.get("facemix_terms")
+    if t:
+        lines += ["", f"FaceMix: mean IoU of the mixed faces {t['mean_iou']:.3f}; the (1 - IoU)-weighted real-image "
+                      f"term is {100 * t['real_share']:.1f} % of its loss (mean over {t['num_lines']} log lines)"]
     o = s["outputs"]
     lines += ["", "outputs:",
               f"  weights             {o['runs']}/<run>/export/model.safetensors",

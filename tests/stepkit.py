@@ -24,6 +24,7 @@ CASES: List[Tuple[str, Tuple[str, ...]]] = [
     ("facemix", ()),
     ("facemix", ("facemix.enabled=false",)),
     ("facemix", ("train.model_ema=true",)),
+    ("facemix", ("facemix.real_term=false",)),
     ("semisup", ("semisup.threshold.kind=fixed",)),
     ("semisup", ("semisup.threshold.kind=dtm", "semisup.threshold.dtm_every=2")),
     ("semisup", ("semisup.threshold.kind=freematch",)),
@@ -32,8 +33,13 @@ CASES: List[Tuple[str, Tuple[str, ...]]] = [
 
 
 def case_id(case) -> str:
+    """``semisup-dtm-2``, ``facemix-model_ema``, ``facemix-enabled_off``: values, switches by their key."""
+    def part(o: str) -> str:
+        key, _, value = o.partition("=")
+        last = key.split(".")[-1]
+        return {"true": last, "false": last + "_off"}.get(value, value)
     stage, ov = case
-    return "-".join([stage] + [o.replace("train.", "").replace("=true", "").split("=")[-1] for o in ov])
+    return "-".join([stage] + [part(o) for o in ov])
 
 
 class TorchEngine:

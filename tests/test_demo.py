@@ -1,8 +1,10 @@
 """ssfer demo --quick, two seeds, through the real path (synthetic data -> ssfer-shard build/split -> MAE,
 FaceMix and semi-supervised runs on local Ray with 2 DeepSpeed workers -> evaluate).
 
-Asserted on the mean over the 2 seeds: every model is well above chance (1/7), and semi-supervised
-fine-tuning is clearly above labeled-only fine-tuning (MAE + FaceMix) at the same label budget."""
+Asserted on the mean over the 2 seeds: every MAE-initialised model is well above chance (1/7) and the
+from-scratch baseline above it, and semi-supervised fine-tuning is clearly above labeled-only fine-tuning
+(MAE + FaceMix) at the same label budget. The labeled faces vary in scale and position inside their aligned
+frames and the shards record their boxes, so FaceMix's IoUs vary and its real-image term carries weight."""
 from __future__ import annotations
 
 import json
@@ -15,7 +17,7 @@ from ssfer_dist.demo import ROWS
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 8 Ray Train runs; ~11 min measured on a loaded 2-core machine
+@pytest.mark.timeout(1800)  # 10 Ray Train runs; ~13.5 min measured on a loaded 2-core machine
 def test_demo_quick_two_seeds(tmp_path, ray_local, capsys):
     out = tmp_path / "demo"
     for seed in (0, 1):
@@ -27,8 +29,13 @@ def test_demo_quick_two_seeds(tmp_path, ray_local, capsys):
     print("mean accuracy over seeds 0, 1:", mean, "timings:", [s["timings_s"] for s in summaries])
     chance = 1 / 7
     for k, _ in ROWS:
-        assert mean[k] > chance + 0.15, (k, mean)
+        assert mean[k] > chance + (0.05 if k == "scratch" else 0.15), (k, mean)
     assert mean["semisup"] > mean["facemix"] + 0.05, mean
+    # FaceMix sees real boxes: IoUs below 1, a real-image term that is a sizeable part of its loss
+    assert printed.count("MAE + plain mixup") == 2 and printed.count("real-image term is") == 2
+    for s in summaries:
+        t = s["facemix_terms"]
+        assert t["num_lines"] > 0 and 0.5 < t["mean_iou"] < 0.95 and 0.05 < t["real_share"] < 0.6, t
     # every promised output exists
     s = summaries[0]
     for k, _ in ROWS:

@@ -61,6 +61,21 @@ def test_facemix_task_equals_separate_forwards():
     out["loss"].backward()
 
 
+def test_facemix_task_plain_mixup_and_real_share():
+    """``real_term=False``: plain mixup — the loss is the mixed term alone (the baseline FaceMix is compared
+    with); ``real_share`` = loss_real / (loss_mix + loss_real) either way."""
+    model = _clf().eval()
+    batch = _labeled()
+    fm = FaceMixFinetune(model, C, smoothing=0.1, seed=3)(batch, step=11)
+    mx = FaceMixFinetune(model, C, smoothing=0.1, seed=3, real_term=False)(batch, step=11)
+    torch.testing.assert_close(mx["loss"], fm["loss_mix"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mx["loss_real"], fm["loss_real"], atol=1e-5, rtol=1e-5)
+    assert fm["real_share"].item() == pytest.approx(fm["loss_real"].item() / fm["loss"].item(), rel=1e-5)
+    assert 0.0 < fm["real_share"].item() < 1.0 and mx["acc"] == fm["acc"]
+    mx["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_semi_supervised_task_loss_and_metrics():
     student = _clf(0)
     teacher = EMATeacher(_clf(1), decay=0.5)

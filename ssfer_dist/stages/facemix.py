@@ -30,7 +30,7 @@ class FaceMixStage(Stage):
         task = FaceMixFinetune(model, plan.num_classes, alpha=f.alpha, smoothing=f.label_smoothing,
                                seed=sub.run.seed, rank=rank_now(), facemix_prob=1.0 if f.enabled else 0.0,
                                input_dtype=None if dtype == torch.float32 else dtype, smooth_real=f.smooth_real,
-                               ema=ema)
+                               ema=ema, real_term=f.real_term)
         return task, model
 
     def eval_module(self, sub: StageConfigs, task: Task) -> Optional[nn.Module]:
