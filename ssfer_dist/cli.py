@@ -132,14 +132,16 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="ssfer-demo", help="folder for data, shards, runs and reports")
     p.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, splits and training")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--workers", type=int, default=2, help="training workers (ranks) per run")
+    p.add_argument("--launcher", choices=["ray", "torchrun"], default="ray",
+                   help="ray: a local Ray with Ray Train workers; torchrun: the same runs without Ray")
     p.set_defaults(handler=_cmd_demo)
 
 
 def _cmd_demo(a) -> int:
     from ssfer_dist.demo import demo_cli
 
-    return demo_cli(out=a.out, quick=a.quick, seed=a.seed, num_workers=a.workers)
+    return demo_cli(out=a.out, quick=a.quick, seed=a.seed, num_workers=a.workers, launcher=a.launcher)
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -34,8 +34,8 @@ import shutil
 import time
 from typing import Any, Dict, Optional
 
-# The demo is the application above both packages, and the one module of ssfer_dist that imports
-# sharding (tests/test_imports.py holds every other module to the one-way rule).
+# The demo is an application above both packages: with ssfer_dist/sweep.py the only modules of ssfer_dist
+# that import sharding (tests/test_imports.py holds every other module to the one-way rule).
 from sharding.build import BuildConfig, run_build
 from sharding.split import split_shards
 from ssfer_dist.errors import UserError
@@ -187,7 +187,7 @@ def _prepare_out(out: str) -> None:
 
 
 def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
-             plan: Optional[DemoPlan] = None) -> Dict[str, Any]:
+             plan: Optional[DemoPlan] = None, launcher: str = "ray") -> Dict[str, Any]:
     """Run the whole demo for one seed; returns the summary (also written to ``seed<N>/report/summary.json``).
     Every line (ours, Ray's, the workers') goes to ``seed<N>/logs/demo.log``; the console shows ours."""
     from ssfer_dist import console
@@ -200,15 +200,36 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
     _prepare_out(out)
     t_start = time.time()
     seed_dir = os.path.join(out, f"seed{seed}")
-    for sub in ("data", "shards", "runs", "report", "logs"):
+    for sub in ("data", "shards", "runs", "report", "logs", "configs"):
         shutil.rmtree(os.path.join(seed_dir, sub), ignore_errors=True)  # a rerun starts clean
     with console.log_file(seed_dir, "demo.log") as log_path:
         log.info("ssfer demo (seed %d%s): full log %s", seed, ", quick" if quick else "", log_path)
-        return _run_demo(out, seed_dir, quick, seed, num_workers, plan, t_start, log_path)
+        return _run_demo(out, seed_dir, quick, seed, num_workers, plan, t_start, log_path, launcher)
+
+
+def _train(cfg, name: str, seed_dir: str, launcher: str):
+    """One demo stage: ``run_stage`` on the local Ray, or — ``launcher: torchrun`` — the same config written to
+    ``seed<N>/configs/<name>.yaml`` and run by ``ssfer run --launcher torchrun`` (no Ray)."""
+    from ssfer_dist.config import to_dict
+    from ssfer_dist.distributed.launch import RunResult, run_stage, run_torchrun, run_url
+
+    if launcher == "ray":
+        return run_stage(cfg, label=name)
+    import yaml
+
+    path = os.path.join(seed_dir, "configs", f"{name}.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    rc = run_torchrun(path, [], cfg.scaling.num_workers)
+    url = run_url(cfg)
+    if rc != 0:
+        raise UserError(f"demo stage {name} failed under torchrun (exit {rc}); see {url}/logs/ssfer.log")
+    return RunResult(run_url=url, export_path=os.path.join(url, "export", "model.safetensors"), metrics={})
 
 
 def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int, plan: DemoPlan,
-              t_start: float, log_path: str) -> Dict[str, Any]:
+              t_start: float, log_path: str, launcher: str = "ray") -> Dict[str, Any]:
     from ssfer_dist import console
 
     names = ("pretrain", "scratch", "mixup", "facemix", "semisup")
@@ -216,7 +237,7 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
     with console.stage(1, count, "synthetic data and shards"):
         urls = make_data(seed_dir, plan, seed)
     # torch / Ray imports after the data stage: the first lines appear at once
-    from ssfer_dist.distributed.launch import planned_steps, run_stage
+    from ssfer_dist.distributed.launch import planned_steps
     from ssfer_dist.evaluate import evaluate_shards, write_outputs
 
     t_data = time.time() - t_start
@@ -228,7 +249,7 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
     for i, name in enumerate(names):
         t = time.time()
         with console.stage(i + 2, count, name, future_steps=steps[i + 1:]):
-            results[name] = run_stage(cfgs[name], label=name)
+            results[name] = _train(cfgs[name], name, seed_dir, launcher)
         timings[name] = round(time.time() - t, 1)
     report = os.path.join(seed_dir, "report")
     rows: Dict[str, Any] = {}
@@ -247,7 +268,8 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
 
     summary = {
         "facemix_terms": facemix_terms(results["facemix"].run_url),
-        "seed": seed, "quick": quick, "plan": dataclasses.asdict(plan), "rows": rows, "timings_s": timings,
+        "seed": seed, "quick": quick, "launcher": launcher, "plan": dataclasses.asdict(plan), "rows": rows,
+        "timings_s": timings,
         "num_labeled": read_manifest(urls["labeled"], with_index=False).num_samples,
         "num_unlabeled_fer": read_manifest(urls["unlabeled"], with_index=False).num_samples,
         "num_unlabeled_fr": read_manifest(urls["fr"], with_index=False).num_samples,
@@ -297,8 +319,9 @@ def format_comparison(summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def demo_cli(out: str = "ssfer-demo", quick: bool = False, seed: int = 0, num_workers: int = 2) -> int:
+def demo_cli(out: str = "ssfer-demo", quick: bool = False, seed: int = 0, num_workers: int = 2,
+             launcher: str = "ray") -> int:
     """``ssfer demo``: run and print the comparison table."""
-    summary = run_demo(out, quick=quick, seed=seed, num_workers=num_workers)
+    summary = run_demo(out, quick=quick, seed=seed, num_workers=num_workers, launcher=launcher)
     print(format_comparison(summary))
     return 0

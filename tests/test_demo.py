@@ -1,5 +1,6 @@
 """ssfer demo --quick, two seeds, through the real path (synthetic data -> ssfer-shard build/split -> MAE,
-FaceMix and semi-supervised runs on local Ray with 2 DeepSpeed workers -> evaluate).
+FaceMix and semi-supervised runs with 2 DeepSpeed workers -> evaluate): seed 0 on a local Ray, seed 1 under
+torchrun.
 
 Asserted on the mean over the 2 seeds: every MAE-initialised model is well above chance (1/7) and the
 from-scratch baseline above it, and semi-supervised fine-tuning is clearly above labeled-only fine-tuning
@@ -20,11 +21,14 @@ from ssfer_dist.demo import ROWS
 @pytest.mark.timeout(1800)  # 10 Ray Train runs; ~13.5 min measured on a loaded 2-core machine
 def test_demo_quick_two_seeds(tmp_path, ray_local, capsys):
     out = tmp_path / "demo"
-    for seed in (0, 1):
-        assert main(["demo", "--quick", "--out", str(out), "--seed", str(seed)]) == 0
+    # seed 0 on the local Ray (the README's command), seed 1 on the torchrun launcher: same runs, no Ray
+    for seed, launcher in ((0, "ray"), (1, "torchrun")):
+        assert main(["demo", "--quick", "--out", str(out), "--seed", str(seed), "--launcher", launcher]) == 0
     printed = capsys.readouterr().out
     assert printed.count("+ semi-supervised") == 2 and "supervised from scratch" in printed
     summaries = [json.load(open(out / f"seed{s}" / "report" / "summary.json")) for s in (0, 1)]
+    assert [s["launcher"] for s in summaries] == ["ray", "torchrun"]
+    assert (out / "seed1" / "configs" / "semisup.yaml").exists()      # torchrun ran the demo's configs as files
     mean = {k: sum(s["rows"][k]["accuracy"] for s in summaries) / 2 for k, _ in ROWS}
     print("mean accuracy over seeds 0, 1:", mean, "timings:", [s["timings_s"] for s in summaries])
     chance = 1 / 7
