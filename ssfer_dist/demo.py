@@ -207,27 +207,6 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
         return _run_demo(out, seed_dir, quick, seed, num_workers, plan, t_start, log_path, launcher)
 
 
-def _train(cfg, name: str, seed_dir: str, launcher: str):
-    """One demo stage: ``run_stage`` on the local Ray, or — ``launcher: torchrun`` — the same config written to
-    ``seed<N>/configs/<name>.yaml`` and run by ``ssfer run --launcher torchrun`` (no Ray)."""
-    from ssfer_dist.config import to_dict
-    from ssfer_dist.distributed.launch import RunResult, run_stage, run_torchrun, run_url
-
-    if launcher == "ray":
-        return run_stage(cfg, label=name)
-    import yaml
-
-    path = os.path.join(seed_dir, "configs", f"{name}.yaml")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    rc = run_torchrun(path, [], cfg.scaling.num_workers)
-    url = run_url(cfg)
-    if rc != 0:
-        raise UserError(f"demo stage {name} failed under torchrun (exit {rc}); see {url}/logs/ssfer.log")
-    return RunResult(run_url=url, export_path=os.path.join(url, "export", "model.safetensors"), metrics={})
-
-
 def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int, plan: DemoPlan,
               t_start: float, log_path: str, launcher: str = "ray") -> Dict[str, Any]:
     from ssfer_dist import console
@@ -237,7 +216,7 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
     with console.stage(1, count, "synthetic data and shards"):
         urls = make_data(seed_dir, plan, seed)
     # torch / Ray imports after the data stage: the first lines appear at once
-    from ssfer_dist.distributed.launch import planned_steps
+    from ssfer_dist.distributed.launch import planned_steps, run_config
     from ssfer_dist.evaluate import evaluate_shards, write_outputs
 
     t_data = time.time() - t_start
@@ -249,7 +228,9 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
     for i, name in enumerate(names):
         t = time.time()
         with console.stage(i + 2, count, name, future_steps=steps[i + 1:]):
-            results[name] = _train(cfgs[name], name, seed_dir, launcher)
+            # torchrun: the demo's configs are kept as seed<N>/configs/<name>.yaml
+            results[name] = run_config(cfgs[name], launcher, label=name,
+                                       config_dir=os.path.join(seed_dir, "configs"), file_stem=name)
         timings[name] = round(time.time() - t, 1)
     report = os.path.join(seed_dir, "report")
     rows: Dict[str, Any] = {}

@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ssfer_dist import storage
-from ssfer_dist.errors import UserError
-from ssfer_dist.typed import ConfigError, build
+from ssfer_dist.typed import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +70,9 @@ class SweepCfg:
 
 
 def load_sweep(path: str, overrides: Optional[List[str]] = None) -> SweepCfg:
-    from ssfer_dist.config import _expand, _read_yaml, apply_overrides
+    from ssfer_dist.config import load_typed
 
-    data = _expand(apply_overrides(_read_yaml(path), overrides or []))
-    try:
-        cfg = build(SweepCfg, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    cfg = load_typed(path, SweepCfg, overrides)
 
     def err(key: str, msg: str) -> None:
         raise ConfigError(f"{path}: {key}: {msg}")
@@ -144,34 +139,10 @@ def _stage_config(sw: SweepCfg, m: SweepModel, f: float, k: int, split: str, exp
     return cfg
 
 
-def _run_cell(sw: SweepCfg, cfg, config_path: str, overrides: List[str]) -> str:
-    """Train one cell's model; returns its export path."""
-    from ssfer_dist.distributed.launch import preflight, run_stage, run_torchrun, run_url
-
-    if sw.launcher == "torchrun":
-        rc = run_torchrun(config_path, overrides, cfg.scaling.num_workers)
-        if rc != 0:
-            raise UserError(f"sweep {sw.name}: run {cfg.run.name} failed under torchrun (exit {rc}); see "
-                            f"{storage.join(run_url(cfg), 'logs', 'ssfer.log')}")
-        return storage.join(run_url(cfg), "export", "model.safetensors")
-    return run_stage(cfg, preflight(cfg), label=cfg.run.name).export_path
-
-
-def _overrides_for(cfg, m: SweepModel) -> List[str]:
-    """The cell's config as ``--set`` overrides of the model's YAML (for the torchrun subprocess)."""
-    ov = list(m.overrides) + [f"run.storage={cfg.run.storage}", f"run.name={cfg.run.name}",
-                              f"data.shards={cfg.data.shards}", f"run.seed={cfg.run.seed}"]
-    if cfg.init.weights:
-        ov.append(f"init.weights={cfg.init.weights}")
-    if cfg.train.stage == "semisup":
-        flow = ", ".join(f"{{shards: '{u.shards}', weight: {u.weight}}}" for u in cfg.data.unlabeled)
-        ov.append(f"data.unlabeled=[{flow}]")
-    return ov
-
-
 def run_sweep(sw: SweepCfg) -> Dict[str, Any]:
     """Every cell not yet finished, then the table. Returns the summary (also ``<sweep>/summary.json``)."""
     from sharding.split import split_shards
+    from ssfer_dist.distributed.launch import run_config
     from ssfer_dist.evaluate import evaluate_shards
 
     root = storage.join(sw.storage, sw.name)
@@ -199,7 +170,7 @@ def run_sweep(sw: SweepCfg) -> Dict[str, Any]:
                     continue
                 log.info("[sweep] cell %d/%d %s: training (%s)", done, total, name, sw.launcher)
                 cfg = _stage_config(sw, m, f, k, split, exports)
-                export = _run_cell(sw, cfg, m.config, _overrides_for(cfg, m))
+                export = run_config(cfg, sw.launcher, label=cfg.run.name).export_path
                 metrics = evaluate_shards(export, sw.data.test)
                 exports[m.name] = export
                 cell = {"fraction": f, "fold": k, "model": m.name, "run": cfg.run.name, "export": export,

@@ -487,6 +487,29 @@ def run_torchrun(config_path: str, overrides: List[str], nproc: int, timeout_s: 
     return rc
 
 
+def run_config(cfg: Config, launcher: str = "ray", label: Optional[str] = None,
+               config_dir: Optional[str] = None, file_stem: Optional[str] = None) -> RunResult:
+    """One stage from a config built in code, on either launcher: ``run_stage`` on Ray, or torchrun with the
+    config written as YAML (its ranks read a file) to ``config_dir/<file_stem or run.name>.yaml`` (kept for
+    the user) or to a temporary folder."""
+    if launcher == "ray":
+        return run_stage(cfg, label=label)
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        folder = config_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ssfer-config-"))
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{file_stem or cfg.run.name}.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        rc = run_torchrun(path, [], cfg.scaling.num_workers)
+    url = run_url(cfg)
+    if rc != 0:
+        raise UserError(f"run {cfg.run.name} failed under torchrun (exit {rc}); see "
+                        f"{storage.join(url, 'logs', 'ssfer.log')}")
+    return RunResult(run_url=url, export_path=storage.join(url, "export", "model.safetensors"), metrics={})
+
+
 _PIPE_STAGES = ("pretrain", "finetune", "semisup")
 
 
