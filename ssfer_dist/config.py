@@ -372,13 +372,19 @@ def _expand(data: Any) -> Any:
     return data
 
 
-def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineCfg:
-    """Load a pipeline YAML (three stage configs); relative stage paths are relative to the file."""
+def load_typed(path: str, cls: Any, overrides: Optional[List[str]] = None) -> Any:
+    """A YAML file (``--set`` overrides applied, ``${VAR}``/``~`` expanded) typed into dataclass ``cls``;
+    errors start with the file."""
     data = _expand(apply_overrides(_read_yaml(path), overrides or []))
     try:
-        cfg = _build(PipelineCfg, data)
+        return _build(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineCfg:
+    """Load a pipeline YAML (three stage configs); relative stage paths are relative to the file."""
+    cfg = load_typed(path, PipelineCfg, overrides)
     base = os.path.dirname(os.path.abspath(path))
     stages = {}
     for name in ("pretrain", "finetune", "semisup"):

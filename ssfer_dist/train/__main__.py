@@ -75,10 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 "the CPU")
         ctx = TorchrunContext(run_url(cfg), use_cuda=bool(cfg.scaling.use_gpu),
                               timeout_s=cfg.failure.collective_timeout_s)
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
+    except (UserError, RuntimeError) as e:         # bad config, no GPU, not started by torchrun
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
