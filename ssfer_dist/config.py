@@ -37,6 +37,7 @@ class RunCfg:
     storage: str = "runs"             # local folder or s3://bucket/prefix
     seed: int = 0
     storage_retry_s: float = 120.0    # transient S3 faults (connection lost, 5xx, throttling) retried this long
+    ray_dashboard: bool = False       # a local Ray (no RAY_ADDRESS) starts its dashboard (~5 s more start-up)
 
 
 @dataclass(frozen=True)

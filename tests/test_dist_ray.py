@@ -58,7 +58,8 @@ def launcher_ray(s3_server, monkeypatch):
 def test_mae_zero2_on_s3_loss_falls(launcher_ray, shards, s3_bucket):
     from ssfer_dist.distributed.launch import run_stage
 
-    cfg = _cfg("mae-z2", shards, f"{s3_bucket}/runs", ["train.zero_stage=2", "train.log_every=5"])
+    cfg = _cfg("mae-z2", shards, f"{s3_bucket}/runs",
+               ["train.zero_stage=2", "train.log_every=5", "run.ray_dashboard=true"])   # its endpoints are searched
     res = run_stage(cfg)
     assert res.run_url == f"{s3_bucket}/runs/mae-z2"
     rec = _metrics(res.run_url)

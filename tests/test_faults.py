@@ -318,12 +318,32 @@ def test_ray_start_up_failures_are_one_line(monkeypatch):
         launch.ensure_ray(Config())
 
 
+def test_the_lean_trainer_leaves_out_only_the_cluster_helpers():
+    """On a private local Ray, Ray Train's placement-group cleaner and Ray Data's dataset manager are left out
+    (each is an actor process, seconds of start-up on two cores); every other callback stays."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ssfer_dist.distributed.localray import lean_trainer_class
+
+    def names(cls, **kw):
+        t = cls(lambda: None, scaling_config=ScalingConfig(num_workers=1), **kw)
+        return [type(c).__name__ for c in t._create_default_callbacks()]
+
+    full, lean = names(TorchTrainer), names(lean_trainer_class())
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback"} <= set(full)        # what Ray would start
+    assert lean == [n for n in full if n not in ("PlacementGroupCleanerCallback", "DatasetsCallback")]
+
+
 def test_private_local_ray_arguments_differ_per_run(monkeypatch):
     from ssfer_dist.distributed.localray import private_init_kwargs
 
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-    a = private_init_kwargs({"env_vars": {"X": "1"}})
-    b = private_init_kwargs({})
+    plain = private_init_kwargs({"env_vars": {"X": "1"}})
+    assert plain["runtime_env"] == {"env_vars": {"X": "1"}} and "dashboard_port" not in plain   # default: none
+    os.rmdir(plain["_temp_dir"])
+    a = private_init_kwargs({"env_vars": {"X": "1"}}, dashboard=True)
+    b = private_init_kwargs({}, dashboard=True)
     assert a["_temp_dir"] != b["_temp_dir"] and a["dashboard_port"] != b["dashboard_port"]
     assert a["dashboard_host"] == "127.0.0.1"
     assert a["runtime_env"]["env_vars"] == {"X": "1", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{a['dashboard_port']}"}

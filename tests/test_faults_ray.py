@@ -9,6 +9,7 @@ with one line naming its cause, and no partial checkpoint is left behind.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -165,8 +166,9 @@ def test_a_20s_storage_outage_mid_run_is_absorbed_without_a_restart(ray_local, s
 
 @pytest.mark.timeout(1500)
 def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_path):
-    """Each `ssfer run` starts a local Ray of its own (temp folder, dashboard port, state-API address):
-    both finish, and neither logs Ray's "Found multiple active Ray instances"."""
+    """Each `ssfer run` starts a local Ray of its own (temp folder, no dashboard or state-API client): both
+    finish, neither logs Ray's "Found multiple active Ray instances", and neither started Ray Train's cluster-only
+    helper actors."""
     import subprocess
     import sys
 
@@ -198,6 +200,14 @@ def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_pa
         assert m, name
         temp_dirs.add(m.group(1))
     assert len(temp_dirs) == 2
+    # a private Ray starts no cluster-only helper actors (localray): the actor names its workers ran
+    for d in temp_dirs:
+        actors = set()
+        for out in glob.glob(os.path.join(d, "session_latest", "logs", "worker-*.out")):
+            with open(out, errors="replace") as f:
+                actors |= set(re.findall(r":actor_name:(\w+)", f.read()))
+        assert "RayTrainWorker" in actors and "TrainController" in actors, actors      # the search sees actors
+        assert not actors & {"PlacementGroupCleaner", "DatasetManager", "PreemptionWatcher"}, actors
 
 
 # ------------------------------------------------------------------------------ multi-node: a node is lost

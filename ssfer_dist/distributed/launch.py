@@ -221,20 +221,22 @@ def ensure_ray(cfg: Config) -> None:
         return
     log.info("starting a local Ray instance (set RAY_ADDRESS to use a running cluster)")
     need = max(1, int(round(cfg.scaling.num_workers * max(cfg.scaling.cpus_per_worker, 1.0))))
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls (without it every
-    # stage logs a warning per second) and lets the user watch the run.
-    from ssfer_dist.distributed.localray import private_init_kwargs
+    from ssfer_dist.distributed import localray
 
-    kw = private_init_kwargs(env)
+    kw = localray.private_init_kwargs(env, dashboard=cfg.run.ray_dashboard)
+    warm = localray.warm_imports()     # ray.init mostly waits on its daemons: import Ray Train meanwhile
     try:
-        # address="local": a new instance even when `ray start` left one running on this machine
-        # worker_niceness 0: Ray starts workers at nice 15 (its daemons first); here the workers are the run,
-        # and at nice 15 a training worker on a small machine yields to any other process.
-        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+        # address="local": a new instance even when `ray start` left one running on this machine.
+        # The dashboard (run.ray_dashboard) is off by default: its ten head processes cost ~5 s of a small
+        # run's start-up, and a private instance has no placement-group cleaner polling its state API.
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=cfg.run.ray_dashboard,
                  object_store_memory=256 * 1024 * 1024, log_to_driver=True,
-                 _system_config={"worker_niceness": 0}, **kw)
+                 _system_config=localray.SYSTEM_CONFIG, **kw)
+        warm.join(timeout=120)
+        localray.mark_private()
         log.info("started a private local Ray in %s (dashboard %s)", kw["_temp_dir"],
-                 kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"])
+                 kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] if cfg.run.ray_dashboard
+                 else "off: run.ray_dashboard=true starts it")
     except Exception as e:   # e.g. a start-up timeout: one line, not a traceback
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"could not start a local Ray: {type(e).__name__}: {why} (logs: {kw['_temp_dir']})") from None
@@ -354,6 +356,7 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ssfer_dist.distributed import localray
     from ssfer_dist.train.loop import train_loop_per_worker
 
     res: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
@@ -376,7 +379,9 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
         **_storage_args(_abs_storage(cfg.run.storage), cfg.run.storage_retry_s),
     )
     payload = {"config": to_dict(cfg), "plan": plan, "env": _worker_env(sc.use_gpu), "label": label}
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
+    private = localray.is_private()   # this process's own Ray: no cluster-only helper actors (see localray)
+    trainer_cls = localray.lean_trainer_class() if private else TorchTrainer
+    trainer = trainer_cls(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo",
                                                     timeout_s=int(fc.collective_timeout_s)))
@@ -387,7 +392,7 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
     t0 = time.time()
     started = t0 - 1.0
     try:
-        with _permanent_faults_not_retried():
+        with _permanent_faults_not_retried(), (localray.train_env() if private else contextlib.nullcontext()):
             result = trainer.fit()
         error = getattr(result, "error", None)
     except Exception as e:

@@ -1,18 +1,43 @@
-"""A local Ray private to one ``ssfer run``: its own temp/session folder and its own dashboard port.
+"""A local Ray private to one ``ssfer run``: its own temp/session folder, lean enough to start fast.
 
-Two runs on one machine then never find each other: Ray's helpers that look for "the" local cluster
-(the placement-group cleaner's state-API client) are pointed at this run's dashboard through
-``RAY_API_SERVER_ADDRESS`` instead of scanning the machine (which fails with "Found multiple active Ray
-instances" once a second run exists). The dashboard listens on 127.0.0.1 only. (Ray 2.60 offers no
-setting that binds the GCS and raylet ports to loopback; they still listen on all interfaces.)
+Two runs on one machine never find each other: each has its own temp folder (``ray.init(_temp_dir=…)``),
+and Ray's helpers that look for "the" local cluster through the state API are not started (no dashboard
+unless ``run.ray_dashboard``; with it, ``RAY_API_SERVER_ADDRESS`` points them at this run's dashboard,
+bound to 127.0.0.1). (Ray 2.60 offers no setting that binds the GCS and raylet ports to loopback.)
+
+Start-up (issue 16). On a 2-core machine every Ray process costs seconds: Ray Train starts eight actor
+processes around a two-worker run, each importing Ray (and the controller, torch). On this process's own
+instance — which dies with it — three of them guard against things that cannot happen here, and are left out:
+
+- ``PlacementGroupCleaner`` (detached; removes the run's placement group if the controller dies while the
+  cluster lives on: here the cluster dies with the driver), which also needs the dashboard's state API;
+- ``DatasetManager`` (Ray Data shards: the runs read WebDataset shards themselves and pass no datasets);
+- ``PreemptionWatcher`` (spot-node preemption notices: a local machine has none).
+
+Ray Train's Prometheus metrics (``RAY_TRAIN_METRICS_ENABLED``) are off too: nothing scrapes a private
+instance, and on two cores their export costs training time (the run's own metrics are in metrics.jsonl).
+
+``SYSTEM_CONFIG``: workers at nice 0 (Ray starts them at 15: here the workers are the run), and no idle
+workers prestarted for the driver (none of Ray Train's actors could use them: each has its own runtime env).
+On a cluster (``RAY_ADDRESS``) nothing here applies.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import tempfile
-from typing import Any, Dict
+import threading
+from typing import Any, Dict, Optional
 
-__all__ = ["private_init_kwargs", "free_port"]
+__all__ = ["private_init_kwargs", "free_port", "mark_private", "is_private", "lean_trainer_class",
+           "SYSTEM_CONFIG", "TRAIN_ENV", "train_env"]
+
+SYSTEM_CONFIG = {"worker_niceness": 0, "prestart_worker_first_driver": False}
+TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+_LEFT_OUT = ("PlacementGroupCleanerCallback", "DatasetsCallback")
+
+_private_gcs: Optional[str] = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -21,11 +46,75 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def private_init_kwargs(runtime_env: Dict[str, Any]) -> Dict[str, Any]:
+def private_init_kwargs(runtime_env: Dict[str, Any], dashboard: bool = False) -> Dict[str, Any]:
     """``ray.init`` arguments for a private local instance (``runtime_env`` is extended, not replaced)."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    env = dict(runtime_env or {})
-    env["env_vars"] = dict(env.get("env_vars", {}), RAY_API_SERVER_ADDRESS=api)
-    return {"_temp_dir": tempfile.mkdtemp(prefix="ssfer-ray-"), "dashboard_host": "127.0.0.1",
-            "dashboard_port": port, "runtime_env": env}
+    kw: Dict[str, Any] = {"_temp_dir": tempfile.mkdtemp(prefix="ssfer-ray-"), "runtime_env": dict(runtime_env or {})}
+    if dashboard:
+        port = free_port()
+        env = kw["runtime_env"]
+        env["env_vars"] = dict(env.get("env_vars", {}), RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}")
+        kw.update(dashboard_host="127.0.0.1", dashboard_port=port)
+    return kw
+
+
+def mark_private() -> None:
+    """Remember that the Ray this process is connected to is the one it just started."""
+    global _private_gcs
+    import ray
+
+    _private_gcs = ray.get_runtime_context().gcs_address
+
+
+def is_private() -> bool:
+    """Whether this process is connected to the Ray it started itself (not a cluster, not a test's)."""
+    import ray
+
+    return (_private_gcs is not None and ray.is_initialized()
+            and ray.get_runtime_context().gcs_address == _private_gcs)
+
+
+def _import_train() -> None:
+    try:
+        import ray.train.torch  # noqa: F401
+        import ssfer_dist.train.loop  # noqa: F401
+    except Exception:  # noqa: BLE001 - an import error resurfaces where the module is needed
+        pass
+
+
+def warm_imports() -> threading.Thread:
+    """Import Ray Train and the worker loop (torch) in a thread, started before ``ray.init``: the driver then
+    spends its wait for Ray's daemons on them (~2 s of a small run's start-up on two cores)."""
+    t = threading.Thread(target=_import_train, name="ssfer-warm-imports", daemon=True)
+    t.start()
+    return t
+
+
+@contextlib.contextmanager
+def train_env():
+    """``TRAIN_ENV`` set in this process while a run starts (Ray Train reads it in the driver and passes
+    ``RAY_TRAIN_*`` on to its controller), the previous values back afterwards."""
+    old = {k: os.environ.get(k) for k in TRAIN_ENV}
+    os.environ.update(TRAIN_ENV)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def lean_trainer_class():
+    """``TorchTrainer`` without the callbacks of ``_LEFT_OUT`` (see the module docstring). Matched by class
+    name, so a Ray that renames them only keeps them (slower, never wrong); the datasets callback is kept
+    whenever the trainer is given datasets."""
+    from ray.train.torch import TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            drop = set(_LEFT_OUT) if not getattr(self, "datasets", None) else {"PlacementGroupCleanerCallback"}
+            return [c for c in callbacks if type(c).__name__ not in drop]
+
+    return LeanTorchTrainer
