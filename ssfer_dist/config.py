@@ -113,6 +113,10 @@ class DataCfg:
     steps_per_epoch: Optional[int] = None   # default: manifest samples // global batch
     pin_memory: Optional[bool] = None # pinned batches, asynchronous copies to the GPU (null: on with CUDA)
     max_member_bytes: int = 64 * 1024 * 1024   # tar members over this are refused (counted corrupt), never loaded
+    order: Literal["resampled", "shards"] = "resampled"   # shards: the data position is a shard-level
+                                      # coordinate (resume reads one shard per lane; see data/order.py)
+    virtual_slots: int = 0            # order "shards": slots the order is cut into (0: ranks x loader workers);
+                                      # a multiple of every rank count the run may resume with
     replay_batches: int = 0           # >0: keep the first N micro-batches in memory and cycle them (benchmarks:
                                       # the loop's speed without the loader's); 0: read the shards throughout
 
@@ -461,6 +465,8 @@ def _check(cfg: Config, source: str) -> None:
         err("failure.stall_timeout_s", f"expected >= 0 (0: no watchdog), got {cfg.failure.stall_timeout_s}")
     if cfg.failure.start_timeout_s <= 0:
         err("failure.start_timeout_s", f"expected > 0, got {cfg.failure.start_timeout_s}")
+    if cfg.data.virtual_slots < 0:
+        err("data.virtual_slots", f"expected >= 0, got {cfg.data.virtual_slots}")
     if cfg.run.storage_retry_s < 0:
         err("run.storage_retry_s", f"expected >= 0, got {cfg.run.storage_retry_s}")
     if not cfg.run.name or "/" in cfg.run.name:

@@ -50,6 +50,7 @@ class Source:
     urls: Tuple[str, ...]
     weight: float = 1.0
     offsets: Tuple[int, ...] = ()
+    counts: Tuple[int, ...] = ()      # samples per shard (the manifest's): needed by data.order "shards"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +301,8 @@ class ShardStream(IterableDataset):
                  draft: bool = False, start_batch: int = 0, num_lanes: int = 1,
                  transform_factory: Optional[Callable[[str, int, bool], Callable]] = None,
                  decode: str = "cpu",
-                 max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES) -> None:
+                 max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
+                 order: str = "resampled", virtual_slots: int = 0) -> None:
         super().__init__()
         self.specs = tuple(specs)
         self.img_size = img_size
@@ -318,6 +320,16 @@ class ShardStream(IterableDataset):
             raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
         self.decode = decode
         self.max_member_bytes = max_member_bytes
+        if order not in ("resampled", "shards"):
+            raise ValueError(f"order must be 'resampled' or 'shards', got {order!r}")
+        if order == "shards":
+            for spec in self.specs:
+                for src in spec.sources:
+                    if len(src.counts) != len(src.urls):
+                        raise ValueError(f"order 'shards' needs each shard's sample count: {len(src.urls)} URLs, "
+                                         f"{len(src.counts)} counts")
+        self.order = order
+        self.virtual_slots = int(virtual_slots) or self.world_size * self.num_lanes
 
     # ------------------------------------------------------------------ per-sample work
 
@@ -407,6 +419,9 @@ class ShardStream(IterableDataset):
         if num_workers != self.num_lanes:
             raise RuntimeError(f"ShardStream built for {self.num_lanes} lanes but run with {num_workers} workers")
         torch.set_num_threads(1)
+        if self.order == "shards":
+            yield from self._iter_ordered(worker)
+            return
         tfs = self._transforms()
         counter = _Counter()
         bpe = self.batches_per_epoch
@@ -433,6 +448,80 @@ class ShardStream(IterableDataset):
             batch: Dict[str, Any] = {}
             for it in iters:
                 batch.update(next(it))
+            batch["__corrupt__"] = torch.tensor([worker, counter.count], dtype=torch.long)
+            batch["__resized__"] = torch.tensor([worker, counter.resized], dtype=torch.long)
+            batch["__index__"] = torch.tensor(k, dtype=torch.long)
+            yield batch
+            k += L
+
+
+    # ------------------------------------------------------------------ data.order: shards
+
+    def _seed_batch(self, k: int) -> None:
+        aug_seed = stream_seed(self.seed, self.rank, -1, k, "aug")
+        random.seed(aug_seed)
+        np.random.seed(aug_seed % (2 ** 32))
+        torch.manual_seed(aug_seed)
+
+    def _shard(self, cache: Dict[Any, Any], key, url: str, counter: "_Counter") -> List[Dict[str, Any]]:
+        """The samples of shard ``url`` in tar order, read whole (the one read a resumed lane makes per slot);
+        ``cache[key]`` keeps the current shard of one (stream, source, slot)."""
+        got = cache.get(key)
+        if got is not None and got[0] == url:
+            return got[1]
+        samples = list(guarded_tarfile_to_samples(counter, self.max_member_bytes)(iter([{"url": url}])))
+        cache[key] = (url, samples)
+        return samples
+
+    def _iter_ordered(self, worker: int) -> Iterator[Dict[str, Any]]:
+        """Batches in the shard-level order of :mod:`ssfer_dist.data.order`: this rank's micro-batch ``k`` is
+        global micro-batch ``k·R + r``; lane ``worker`` makes ``k = start + worker, start + worker + L, …``."""
+        from ssfer_dist.data.order import SlotOrder, mixture_counts, slot_of
+
+        tfs = self._transforms()
+        counter = _Counter()
+        V, R, L = self.virtual_slots, self.world_size, self.num_lanes
+        streams = []
+        for spec in self.specs:
+            orders = [SlotOrder(src.urls, src.counts, V, self.seed, f"{spec.prefix}{i}")
+                      for i, src in enumerate(spec.sources)]
+            streams.append((spec, orders, mixture_counts(spec.batch_size, [s.weight for s in spec.sources]),
+                            self._decode_fn(spec, tfs, counter)))
+        cache: Dict[Any, Any] = {}
+        last_good: Dict[int, List[Dict[str, Any]]] = {}
+        k = self.start_batch + worker
+        while True:
+            m = k * R + self.rank
+            slot, j = slot_of(m, V)
+            self._seed_batch(k)
+            batch: Dict[str, Any] = {}
+            for si, (spec, orders, per_source, decode) in enumerate(streams):
+                good: List[Dict[str, Any]] = []
+                for i, (order, n) in enumerate(zip(orders, per_source)):
+                    src = spec.sources[i]
+                    for _epoch, _idx, shard, t in order.positions(slot, j * n, n):
+                        url = src.urls[shard]
+                        samples = self._shard(cache, (si, i, slot), url, counter)
+                        if t >= len(samples):         # the tar holds fewer samples than its manifest row
+                            counter(CorruptMember(f"{url}: sample {t} missing (the tar has {len(samples)})"))
+                            continue
+                        sample = dict(samples[t])
+                        if src.offsets:
+                            sample["__sid__"] = src.offsets[shard] + t
+                        try:
+                            out = decode(sample)
+                            out["__key__"] = sample.get("__key__")      # as webdataset's map keeps it
+                            good.append(out)
+                        except Exception as exn:  # noqa: BLE001 - counted (the handler re-raises missing files)
+                            counter(exn)
+                if not good:
+                    good = last_good.get(si, [])
+                    if not good:
+                        raise RuntimeError(f"micro-batch {k}: all {spec.batch_size} samples of slot {slot} are "
+                                           f"corrupt or missing ({spec.sources[0].urls[0]}…)")
+                last_good[si] = good
+                filled = [good[t % len(good)] for t in range(spec.batch_size)]   # corrupt ones: batch-mates
+                batch.update(_collate(filled))
             batch["__corrupt__"] = torch.tensor([worker, counter.count], dtype=torch.long)
             batch["__resized__"] = torch.tensor([worker, counter.resized], dtype=torch.long)
             batch["__index__"] = torch.tensor(k, dtype=torch.long)

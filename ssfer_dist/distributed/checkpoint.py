@@ -239,6 +239,15 @@ def restore(checkpoint, engine, task: Task) -> Optional[TrainState]:
             raise RuntimeError(f"checkpoint {checkpoint.path} lacks {STATE_FILE}")
         with open(state_path, "r", encoding="utf-8") as f:
             state = TrainState.from_json(f.read())
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if state.num_ranks and state.num_ranks != world:
+            # DeepSpeed's ZeRO shards are per rank: a resume on another rank count needs its universal
+            # checkpoint conversion, not built yet (issue 13). The data order (data.order=shards) is ready.
+            from ssfer_dist.distributed.faults import PermanentFault     # not retried: a restart cannot fix it
+
+            raise PermanentFault(f"checkpoint {checkpoint.path} was saved by {state.num_ranks} ranks; resuming it on "
+                            f"{world} is not supported yet: set scaling.num_workers={state.num_ranks} "
+                            f"(and train.grad_accum as the saving run)")
         weights_only_loads(engine)
         path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)

@@ -101,7 +101,7 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
             offsets.append(first)
             first += s.num_samples
         unl.append(UnlabeledPlan(urls=tuple(_check_shards(m, key)), weight=u.weight, num_samples=m.num_samples,
-                                 offsets=tuple(offsets)))
+                                 offsets=tuple(offsets), counts=tuple(int(s.num_samples) for s in m.shards)))
     if cfg.init.weights:
         w = cfg.init.weights
         if os.path.isdir(w):
@@ -129,7 +129,8 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
         unlabeled=tuple(unl), num_unlabeled=first,
         register_s3=any(storage.is_s3(x) for x in [cfg.data.shards, cfg.eval.shards or ""]
                         + [u.shards for u in cfg.data.unlabeled]),
-        datasets=tuple(dict.fromkeys(d for d in datasets if d)), eval_urls=tuple(eval_urls), eval_num_samples=eval_n)
+        datasets=tuple(dict.fromkeys(d for d in datasets if d)), eval_urls=tuple(eval_urls), eval_num_samples=eval_n,
+        shard_counts=tuple(int(s.num_samples) for s in labeled.shards))
     stage.preflight(StageConfigs.of(cfg), plan)
     if check_storage:
         try:

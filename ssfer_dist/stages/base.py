@@ -133,7 +133,7 @@ class Stage:
     def stream_specs(self, sub: StageConfigs, plan: LaunchPlan) -> List[StreamSpec]:
         """The batched streams the stage reads (the labeled/MAE stream by default)."""
         lab_views, _ = self.data_views(sub)
-        return [StreamSpec(sources=(Source(tuple(plan.shard_urls)),), views=lab_views,
+        return [StreamSpec(sources=(Source(tuple(plan.shard_urls), counts=tuple(plan.shard_counts)),), views=lab_views,
                            batch_size=sub.data.batch_size_per_rank, labeled=self.needs_labels,
                            raw_size=int(plan.image_size))]
 

@@ -47,7 +47,8 @@ class SemiSupStage(Stage):
         specs = super().stream_specs(sub, plan)
         _, unl_views = self.data_views(sub)
         ids = sub.section.threshold.kind == "flexmatch"  # per-sample state: samples carry their manifest row as an id
-        srcs = tuple(Source(tuple(u.urls), u.weight, tuple(u.offsets) if ids else ()) for u in plan.unlabeled)
+        srcs = tuple(Source(tuple(u.urls), u.weight, tuple(u.offsets) if ids else (), tuple(u.counts))
+                     for u in plan.unlabeled)
         specs.append(StreamSpec(sources=srcs, views=unl_views, batch_size=sub.data.batch_size_per_rank * sub.data.mu,
                                 labeled=False, prefix="u_"))
         return specs

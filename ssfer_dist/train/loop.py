@@ -79,6 +79,24 @@ def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
 
 
+def _check_elastic(state: TrainState, world: int, data, lanes: int, rank: int) -> None:
+    """A resume on another rank count (elastic): say what the data position guarantees."""
+    if not state.num_ranks or state.num_ranks == world or rank != 0:
+        return
+    if data.order != "shards":
+        log.warning("resuming a %d-rank checkpoint on %d ranks with data.order=resampled: each rank's stream "
+                    "is seeded by its rank, so the samples after the resume differ from an uninterrupted run's "
+                    "(data.order=shards keeps them)", state.num_ranks, world)
+        return
+    slots = data.virtual_slots or state.virtual_slots or world * lanes
+    if state.virtual_slots and slots != state.virtual_slots:
+        log.warning("resuming with data.virtual_slots=%d but the checkpoint's run used %d: the data order changes "
+                    "(set data.virtual_slots=%d to keep it)", slots, state.virtual_slots, state.virtual_slots)
+    else:
+        log.info("elastic resume: %d ranks → %d, same data order (%d slots) from step %d", state.num_ranks, world,
+                 slots, state.step)
+
+
 def export_state_dict(stage, sub: StageConfigs, task, engine, zero_stage: int, rank: int):
     """The weights to export, full and fp32 on rank 0 (None elsewhere): the stage's ``eval_module`` (model
     EMA, semisup teacher: full copies on every rank, nothing to gather) or else the trained module
@@ -230,8 +248,17 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     resumed = ckpt_mod.restore(resume_from, engine, task)
     if resumed is not None:
         state = resumed
+        # the data position is the step: with another rank count (elastic resume: grad_accum keeps the global
+        # batch) this rank's next micro-batch is step x grad_accum, whatever the saving run's split was
+        state.micro_batch = state.step * ga
+        _check_elastic(state, world, cfg.data, max(1, cfg.data.num_loader_workers), rank)
         log.info("rank %d resumed at step %d (micro-batch %d, data epoch %d)", rank, state.step,
                  state.micro_batch, state.data_epoch)
+    # data.order "shards": the slots the order is cut into — the config's, else the resumed run's (an elastic
+    # resume keeps its order), else ranks x loader lanes
+    prior = state.virtual_slots if resumed is not None and state.data_order == "shards" else 0
+    state.num_ranks, state.data_order = world, cfg.data.order
+    state.virtual_slots = cfg.data.virtual_slots or prior or world * max(1, cfg.data.num_loader_workers)
     _seed_all(seeds["rank"] + 7919 * state.step)
 
     metrics_log = None
@@ -251,7 +278,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
                          num_lanes=max(1, d.num_loader_workers), decode=d.decode,
                          transform_factory=partial(build_transform, scale=d.crop_scale, ratio=d.crop_ratio,
                                                    interpolation=d.interpolation),
-                         max_member_bytes=d.max_member_bytes)
+                         max_member_bytes=d.max_member_bytes, order=d.order, virtual_slots=state.virtual_slots)
     device_aug = stage.device_augment(sub, plan, rank)    # mae/weak geometry on this device (augment_on)
     batches = iter(make_loader(stream, cfg.data.num_loader_workers, pin_memory=fast.pin_memory))
     if d.replay_batches:                                   # benchmarks: the loop without the loader

@@ -20,6 +20,7 @@ class UnlabeledPlan:
     weight: float
     num_samples: int
     offsets: Tuple[int, ...]
+    counts: Tuple[int, ...] = ()      # samples per shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,3 +46,4 @@ class LaunchPlan:
     datasets: Tuple[str, ...] = ()   # the manifests' dataset names (labeled / MAE first), for the export
     eval_urls: Tuple[str, ...] = ()   # eval.shards' shard URLs (empty: no evaluation while training)
     eval_num_samples: int = 0
+    shard_counts: Tuple[int, ...] = ()   # samples per labeled (or MAE) shard, as the manifest lists them

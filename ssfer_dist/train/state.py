@@ -22,6 +22,9 @@ class TrainState:
     corrupt_samples: int = 0         # corrupt samples skipped so far (all ranks)
     best_eval: Optional[float] = None  # the best eval.best_metric so far (evaluation while training) ...
     best_step: int = 0               # ... and the step whose weights are in export/best/
+    num_ranks: int = 0               # ranks of the run that saved it (0: unknown, an older checkpoint)
+    data_order: str = ""             # its data.order ("resampled" / "shards"; "": an older checkpoint)
+    virtual_slots: int = 0           # its slots (data.order "shards")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
