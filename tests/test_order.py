@@ -139,3 +139,26 @@ def test_order_shards_needs_the_sample_counts(fr):
         ShardStream([StreamSpec((Source(fr[0]),), MAE_VIEWS, 4, False)], img_size=24, rank=0, world_size=1,
                     batches_per_epoch=5, seed=0, order="shards")
     assert torch is not None
+
+
+def test_a_zero3_checkpoint_is_not_resumed_on_another_rank_count(tmp_path):
+    """ZeRO-1/2 resume elastically (tests/test_torchrun.py); ZeRO-3 through the universal checkpoint loads the
+    weights but not the optimizer state exactly, so it is refused with one line naming what to set."""
+    from ssfer_dist.distributed import checkpoint as ck
+    from ssfer_dist.distributed.context import CheckpointRef
+    from ssfer_dist.distributed.faults import PermanentFault
+    from ssfer_dist.train.state import TrainState
+
+    folder = tmp_path / "checkpoint_00000008"
+    folder.mkdir()
+    (folder / ck.COMMIT_FILE).write_text("")
+    (folder / ck.STATE_FILE).write_text(TrainState(stage="mae", step=8, num_ranks=2, data_order="shards",
+                                                   virtual_slots=4).to_json())
+
+    class Zero3:
+        def zero_optimization_stage(self):
+            return 3
+
+    with pytest.raises(PermanentFault, match=r"was saved by 2 ranks; resuming a ZeRO-3 run on 1 is not supported "
+                                             r"\(ZeRO-1/2 are\): set scaling.num_workers=2$"):
+        ck.restore(CheckpointRef(str(folder)), Zero3(), task=None)

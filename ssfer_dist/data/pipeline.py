@@ -457,8 +457,10 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ data.order: shards
 
-    def _seed_batch(self, k: int) -> None:
-        aug_seed = stream_seed(self.seed, self.rank, -1, k, "aug")
+    def _seed_batch(self, k: int, rank_free: bool = False) -> None:
+        """Augmentation randomness of batch ``k``: of (seed, rank, k), or with ``rank_free`` of (seed, k) —
+        ``k`` then the global micro-batch index, so the draws do not depend on the rank split."""
+        aug_seed = stream_seed(self.seed, -1 if rank_free else self.rank, -1, k, "aug")
         random.seed(aug_seed)
         np.random.seed(aug_seed % (2 ** 32))
         torch.manual_seed(aug_seed)
@@ -493,7 +495,7 @@ class ShardStream(IterableDataset):
         while True:
             m = k * R + self.rank
             slot, j = slot_of(m, V)
-            self._seed_batch(k)
+            self._seed_batch(m, rank_free=True)
             batch: Dict[str, Any] = {}
             for si, (spec, orders, per_source, decode) in enumerate(streams):
                 good: List[Dict[str, Any]] = []
@@ -525,6 +527,7 @@ class ShardStream(IterableDataset):
             batch["__corrupt__"] = torch.tensor([worker, counter.count], dtype=torch.long)
             batch["__resized__"] = torch.tensor([worker, counter.resized], dtype=torch.long)
             batch["__index__"] = torch.tensor(k, dtype=torch.long)
+            batch["__global__"] = torch.tensor(m, dtype=torch.long)   # keys the step's randomness (train_step)
             yield batch
             k += L
 

@@ -226,6 +226,33 @@ def weights_only_loads(engine) -> None:
     ce.load = load
 
 
+def universal_copy(ds_dir: str, name: str, saved_ranks: int, world: int) -> str:
+    """The DeepSpeed checkpoint in ``ds_dir`` (saved by ``saved_ranks`` ranks) as a universal checkpoint in a
+    node-local folder: its rank with ``LOCAL_RANK`` 0 converts (``deepspeed.checkpoint.ds_to_universal``,
+    in-process), every rank waits at a barrier (no shared disk needed between nodes). Returns the folder."""
+    import argparse
+    import hashlib
+    import contextlib
+    import io
+
+    key = hashlib.sha1(f"{name}|{saved_ranks}|{world}".encode()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), f"ssfer-universal-{key}", "universal")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(os.path.join(out, "zero")):
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+        args = argparse.Namespace(input_folder=ds_dir, output_folder=out + ".tmp", num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()):      # its progress prints
+            to_universal(args)
+        os.replace(out + ".tmp", out)
+    collectives.barrier()
+    if not os.path.exists(os.path.join(out, "zero")):
+        raise RuntimeError(f"checkpoint {name}: no universal copy in {out} (converted by this node's local rank 0)")
+    return out
+
+
 def restore(checkpoint, engine, task: Task) -> Optional[TrainState]:
     """Load a reported checkpoint into the engine and task; returns its TrainState (None: fresh run)."""
     if checkpoint is None:
@@ -240,17 +267,32 @@ def restore(checkpoint, engine, task: Task) -> Optional[TrainState]:
         with open(state_path, "r", encoding="utf-8") as f:
             state = TrainState.from_json(f.read())
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if state.num_ranks and state.num_ranks != world:
-            # DeepSpeed's ZeRO shards are per rank: a resume on another rank count needs its universal
-            # checkpoint conversion, not built yet (issue 13). The data order (data.order=shards) is ready.
+        if state.num_ranks and state.num_ranks != world and engine.zero_optimization_stage() == 3:
             from ssfer_dist.distributed.faults import PermanentFault     # not retried: a restart cannot fix it
 
-            raise PermanentFault(f"checkpoint {checkpoint.path} was saved by {state.num_ranks} ranks; resuming it on "
-                            f"{world} is not supported yet: set scaling.num_workers={state.num_ranks} "
-                            f"(and train.grad_accum as the saving run)")
+            # measured: the weights load exactly but the optimizer state does not (the losses drift from the
+            # first update on), so ZeRO-3 is refused rather than resumed subtly wrong
+            raise PermanentFault(f"checkpoint {checkpoint.path} was saved by {state.num_ranks} ranks; resuming a "
+                                 f"ZeRO-3 run on {world} is not supported (ZeRO-1/2 are): set "
+                                 f"scaling.num_workers={state.num_ranks}")
         weights_only_loads(engine)
-        path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+        if state.num_ranks and state.num_ranks != world:    # elastic resume: through a universal checkpoint
+            uni = universal_copy(os.path.join(d, DS_TAG), checkpoint.path, state.num_ranks, world)
+            engine._config.load_universal_checkpoint = True
+            try:
+                path, _ = engine.load_checkpoint(os.path.dirname(uni), tag=os.path.basename(uni),
+                                                 load_module_strict=True, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+            finally:
+                engine._config.load_universal_checkpoint = False
+                collectives.barrier()                # every rank of the node has read it: remove it
+                if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                    shutil.rmtree(os.path.dirname(uni), ignore_errors=True)
+            log.info("loaded the %d-rank checkpoint %s on %d ranks (DeepSpeed universal checkpoint)",
+                     state.num_ranks, checkpoint.path, world)
+        else:
+            path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no '{DS_TAG}' checkpoint")
         extra_path = os.path.join(d, EXTRA_FILE)

@@ -146,7 +146,9 @@ class Stage:
         if not keys:
             return None
         d = sub.data
-        return DeviceAugment(keys, sub.model.img_size, seed=sub.run.seed, rank=rank, scale=d.crop_scale,
+        # data.order shards: the loader stamps the global micro-batch index, unique over ranks (rank-free draws)
+        return DeviceAugment(keys, sub.model.img_size, seed=sub.run.seed, rank=0 if d.order == "shards" else rank,
+                             scale=d.crop_scale,
                              ratio=d.crop_ratio, interpolation=d.interpolation)
 
     # ---- model and optimisation

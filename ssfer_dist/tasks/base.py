@@ -38,6 +38,11 @@ class TaskBase:
     def after_step(self, step: int, gather_ctx: Optional[GatherCtx] = None) -> Dict[str, Any]:
         return {}
 
+    def set_micro_batch(self, index: int) -> None:
+        """The global index of the next micro-batch (``data.order: shards``): a task that draws random numbers
+        keys them by it, so they do not depend on how the global batch is split over ranks."""
+        self.micro_batch = int(index)
+
     def state_dict(self) -> Dict[str, Any]:
         return {}
 

@@ -40,7 +40,8 @@ class FaceMixFinetune(TaskBase):
     def __call__(self, batch: Dict[str, torch.Tensor], step: int) -> Dict:
         x = prepare_images(batch["image"], self.input_dtype)
         y = batch["label"].long()
-        rng = np.random.default_rng([self.seed, self.rank, int(step)])
+        m = getattr(self, "micro_batch", None)     # data.order shards: keyed by the global micro-batch
+        rng = np.random.default_rng([self.seed, self.rank, int(step)] if m is None else [self.seed, 1 << 20, m])
         if rng.random() >= self.facemix_prob:
             logits = self.model(x)
             loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.smoothing)

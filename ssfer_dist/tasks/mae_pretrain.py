@@ -28,7 +28,10 @@ class MAEPretrain(TaskBase):
             return None
         p = _patch_size(self.model)
         n, length = x.shape[0], (x.shape[-2] // p) * (x.shape[-1] // p)
-        g = torch.Generator().manual_seed((self.noise_seed * 1_000_003 + step) * 4099 + self.rank)
+        m = getattr(self, "micro_batch", None)     # data.order shards: keyed by the global micro-batch
+        key = (self.noise_seed * 1_000_003 + step) * 4099 + self.rank if m is None else \
+            (self.noise_seed * 1_000_003 + m) * 4099 + 4093
+        g = torch.Generator().manual_seed(key)
         noise = torch.rand(n, length, generator=g)      # on the host: the same masks on every device type
         if x.device.type == "cuda":                     # pinned -> an asynchronous copy, no stall
             return noise.pin_memory().to(x.device, non_blocking=True)

@@ -118,8 +118,14 @@ def train_step(task, engine, batches: Iterator[Dict[str, Any]], grad_accum: int,
             corrupt_by_lane[lane] = count
         keys_digest = zlib.crc32("|".join(raw.get("__key__", [])).encode(), keys_digest)
         batch = prepare_batch(raw, device, non_blocking)
+        key = "__index__"                                                 # the loader's CPU batch index
+        if "__global__" in raw:      # data.order shards: randomness keyed by the global micro-batch, not the rank
+            key = "__global__"
+            hook = getattr(task, "set_micro_batch", None)
+            if hook is not None:
+                hook(int(raw[key]))
         if device_aug is not None:
-            batch = device_aug(batch, int(raw["__index__"]), device)      # the loader's CPU batch index
+            batch = device_aug(batch, int(raw[key]), device)
         out = task(batch, step)
         engine.backward(out["loss"])
         engine.step()
