@@ -113,6 +113,29 @@ def test_mae_zero3_survives_a_killed_worker(ray_local, shards, tmp_path):
     assert os.path.exists(res.export_path)
 
 
+def test_elastic_resume_on_ray_from_s3_2_workers_to_1(ray_local, shards, s3_bucket):
+    """Under Ray with the run on S3 (no shared disk): a 2-worker run (``data.order=shards``) fails at step 10,
+    is rerun under the same name with 1 worker and ``grad_accum`` 2, resumes from the S3 checkpoint 8 through
+    DeepSpeed's universal checkpoint, and logs the losses of an uninterrupted 2-worker run (1e-5 relative)."""
+    from ssfer_dist.distributed.launch import run_stage
+
+    base = ["train.zero_stage=2", "train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4",
+            "failure.max_failures=0", "train.preview_every=0", "data.order=shards", "data.virtual_slots=4"]
+    ref = run_stage(_cfg("el-ref", shards, f"{s3_bucket}/runs", base))
+    marker = os.path.join(os.path.dirname(shards["fr"]), "el.marker")
+    cut = base + ["debug.fail_at_step=10", "debug.fail_rank=1", f"debug.fail_marker={marker}"]
+    with pytest.raises(RuntimeError, match="run el failed"):
+        run_stage(_cfg("el", shards, f"{s3_bucket}/runs", cut))
+    res = run_stage(_cfg("el", shards, f"{s3_bucket}/runs", cut + ["scaling.num_workers=1", "train.grad_accum=2"]))
+    want = {r["step"]: r["loss"] for r in _metrics(ref.run_url)}
+    rec = _metrics(res.run_url)
+    assert [r["step"] for r in rec] == list(range(1, 13))
+    for r in rec:
+        assert r["loss"] == pytest.approx(want[r["step"]], rel=1e-5), r["step"]
+    state = json.loads(storage.get_bytes(storage.join(res.run_url, "checkpoint_00000012", "train_state.json")))
+    assert state["num_ranks"] == 1 and state["virtual_slots"] == 4
+
+
 def test_rerun_with_same_name_resumes(ray_local, shards, tmp_path):
     from ssfer_dist.distributed.launch import run_stage
 
