@@ -28,10 +28,11 @@ import random
 import zlib
 from typing import Dict, List, Sequence, Tuple
 
-__all__ = ["SlotOrder", "mixture_counts", "slot_of"]
+__all__ = ["SlotOrder", "mixture_counts", "slot_of", "seed_of"]
 
 
-def _seed(*parts) -> int:
+def seed_of(*parts) -> int:
+    """A stable 63-bit seed of ``parts`` (``pipeline.stream_seed`` is this with five parts)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) * 2654435761 % (2 ** 63)
 
 
@@ -70,6 +71,7 @@ class SlotOrder:
         self.repeat = -(-self.num_slots // len(self.urls))         # every slot gets at least one shard
         self._epochs: Dict[Tuple[int, int], Tuple[List[int], List[int]]] = {}
         self._ends: Dict[int, List[int]] = {}                       # slot → cumulative end of each epoch
+        self._orders: Dict[int, Tuple[Tuple[int, int], List[int]]] = {}   # slot → its current shard's order
 
     def epoch_shards(self, epoch: int, slot: int) -> Tuple[List[int], List[int]]:
         """(shard indices, cumulative sample ends) of ``slot`` in ``epoch``."""
@@ -77,7 +79,7 @@ class SlotOrder:
         got = self._epochs.get(key)
         if got is None:
             order = list(range(len(self.urls))) * self.repeat
-            random.Random(_seed(self.seed, self.tag, "epoch", epoch)).shuffle(order)
+            random.Random(seed_of(self.seed, self.tag, "epoch", epoch)).shuffle(order)
             shards = order[slot::self.num_slots]
             ends, t = [], 0
             for s in shards:
@@ -110,9 +112,13 @@ class SlotOrder:
 
     def sample_order(self, epoch: int, slot: int, index: int) -> List[int]:
         """The permuted sample order (positions in the tar) of the ``index``-th shard of ``slot`` in ``epoch``."""
+        got = self._orders.get(slot)
+        if got is not None and got[0] == (epoch, index):
+            return got[1]
         shard = self.shard_at(epoch, slot, index)
         order = list(range(self.counts[shard]))
-        random.Random(_seed(self.seed, self.tag, "samples", epoch, slot, index)).shuffle(order)
+        random.Random(seed_of(self.seed, self.tag, "samples", epoch, slot, index)).shuffle(order)
+        self._orders[slot] = ((epoch, index), order)
         return order
 
     def positions(self, slot: int, start: int, n: int) -> List[Tuple[int, int, int, int]]:

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import random
-import zlib
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -29,6 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ssfer_dist.data.order import seed_of
 from ssfer_dist.data.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, jpeg_header, open_image
 from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META
 from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
@@ -79,7 +79,7 @@ class StreamSpec:
 
 def stream_seed(seed: int, rank: int, lane: int, epoch: int, tag: str = "") -> int:
     """A stable 63-bit seed for one (rank, lane, epoch) stream."""
-    return zlib.crc32(f"{seed}/{rank}/{lane}/{epoch}/{tag}".encode()) * 2654435761 % (2 ** 63)
+    return seed_of(seed, rank, lane, epoch, tag)
 
 
 def split_urls(urls: Sequence[str], rank: int, world_size: int, lane: int, num_lanes: int) -> List[str]:
@@ -441,10 +441,7 @@ class ShardStream(IterableDataset):
                 done = len(range(first + ((lane - first) % L), k, L))
                 iters = [self._lane_stream(s, lane, e, done, tfs, counter) for s in self.specs]
             # augmentation randomness is a function of the batch index too (same batches after a resume)
-            aug_seed = stream_seed(self.seed, self.rank, -1, k, "aug")
-            random.seed(aug_seed)
-            np.random.seed(aug_seed % (2 ** 32))
-            torch.manual_seed(aug_seed)
+            self._seed_batch(k)
             batch: Dict[str, Any] = {}
             for it in iters:
                 batch.update(next(it))

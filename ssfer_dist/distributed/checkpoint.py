@@ -267,7 +267,8 @@ def restore(checkpoint, engine, task: Task) -> Optional[TrainState]:
         with open(state_path, "r", encoding="utf-8") as f:
             state = TrainState.from_json(f.read())
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if state.num_ranks and state.num_ranks != world and engine.zero_optimization_stage() == 3:
+        elastic = bool(state.num_ranks) and state.num_ranks != world
+        if elastic and engine.zero_optimization_stage() == 3:
             from ssfer_dist.distributed.faults import PermanentFault     # not retried: a restart cannot fix it
 
             # measured: the weights load exactly but the optimizer state does not (the losses drift from the
@@ -276,23 +277,23 @@ def restore(checkpoint, engine, task: Task) -> Optional[TrainState]:
                                  f"ZeRO-3 run on {world} is not supported (ZeRO-1/2 are): set "
                                  f"scaling.num_workers={state.num_ranks}")
         weights_only_loads(engine)
-        if state.num_ranks and state.num_ranks != world:    # elastic resume: through a universal checkpoint
+        load_dir, tag = d, DS_TAG
+        if elastic:                                  # another rank count: through a universal checkpoint
             uni = universal_copy(os.path.join(d, DS_TAG), checkpoint.path, state.num_ranks, world)
+            load_dir, tag = os.path.dirname(uni), os.path.basename(uni)
             engine._config.load_universal_checkpoint = True
-            try:
-                path, _ = engine.load_checkpoint(os.path.dirname(uni), tag=os.path.basename(uni),
-                                                 load_module_strict=True, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
-            finally:
+        try:
+            path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        finally:
+            if elastic:
                 engine._config.load_universal_checkpoint = False
                 collectives.barrier()                # every rank of the node has read it: remove it
                 if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-                    shutil.rmtree(os.path.dirname(uni), ignore_errors=True)
+                    shutil.rmtree(load_dir, ignore_errors=True)
+        if elastic:
             log.info("loaded the %d-rank checkpoint %s on %d ranks (DeepSpeed universal checkpoint)",
                      state.num_ranks, checkpoint.path, world)
-        else:
-            path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no '{DS_TAG}' checkpoint")
         extra_path = os.path.join(d, EXTRA_FILE)

@@ -79,16 +79,16 @@ def _maybe_fail(d: DebugCfg, step: int, rank: int) -> None:
     raise InjectedFault(f"injected fault at step {step} on rank {rank}")
 
 
-def _check_elastic(state: TrainState, world: int, data, lanes: int, rank: int) -> None:
-    """A resume on another rank count (elastic): say what the data position guarantees."""
+def _check_elastic(state: TrainState, world: int, order: str, slots: int, rank: int) -> None:
+    """A resume on another rank count (elastic): say what the data position guarantees. ``state`` is the
+    checkpoint's; ``order`` and ``slots`` this run's."""
     if not state.num_ranks or state.num_ranks == world or rank != 0:
         return
-    if data.order != "shards":
+    if order != "shards":
         log.warning("resuming a %d-rank checkpoint on %d ranks with data.order=resampled: each rank's stream "
                     "is seeded by its rank, so the samples after the resume differ from an uninterrupted run's "
                     "(data.order=shards keeps them)", state.num_ranks, world)
         return
-    slots = data.virtual_slots or state.virtual_slots or world * lanes
     if state.virtual_slots and slots != state.virtual_slots:
         log.warning("resuming with data.virtual_slots=%d but the checkpoint's run used %d: the data order changes "
                     "(set data.virtual_slots=%d to keep it)", slots, state.virtual_slots, state.virtual_slots)
@@ -251,14 +251,15 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
         # the data position is the step: with another rank count (elastic resume: grad_accum keeps the global
         # batch) this rank's next micro-batch is step x grad_accum, whatever the saving run's split was
         state.micro_batch = state.step * ga
-        _check_elastic(state, world, cfg.data, max(1, cfg.data.num_loader_workers), rank)
-        log.info("rank %d resumed at step %d (micro-batch %d, data epoch %d)", rank, state.step,
-                 state.micro_batch, state.data_epoch)
     # data.order "shards": the slots the order is cut into — the config's, else the resumed run's (an elastic
     # resume keeps its order), else ranks x loader lanes
     prior = state.virtual_slots if resumed is not None and state.data_order == "shards" else 0
-    state.num_ranks, state.data_order = world, cfg.data.order
-    state.virtual_slots = cfg.data.virtual_slots or prior or world * max(1, cfg.data.num_loader_workers)
+    slots = cfg.data.virtual_slots or prior or world * max(1, cfg.data.num_loader_workers)
+    if resumed is not None:
+        _check_elastic(state, world, cfg.data.order, slots, rank)
+        log.info("rank %d resumed at step %d (micro-batch %d, data epoch %d)", rank, state.step,
+                 state.micro_batch, state.data_epoch)
+    state.num_ranks, state.data_order, state.virtual_slots = world, cfg.data.order, slots
     _seed_all(seeds["rank"] + 7919 * state.step)
 
     metrics_log = None
