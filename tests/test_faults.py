@@ -335,6 +335,62 @@ def test_the_lean_trainer_leaves_out_only_the_cluster_helpers():
     assert lean == [n for n in full if n not in ("PlacementGroupCleanerCallback", "DatasetsCallback")]
 
 
+def test_the_lean_trainer_asks_no_autoscaler_for_a_fixed_group():
+    """Ray's fixed-size scaling policy sends its resource request to an autoscaling-coordinator actor; on a
+    private instance (no autoscaler) the policy is the same minus those requests, and an elastic one is kept."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    from ssfer_dist.distributed import localray
+
+    sc = ScalingConfig(num_workers=2)
+    fixed = localray._without_autoscaler_requests(create_scaling_policy(sc))
+    assert isinstance(fixed, FixedScalingPolicy) and type(fixed) is not FixedScalingPolicy
+    fixed.after_controller_start(None)                       # Ray's creates the coordinator actor here
+    assert fixed._coordinator_client is None
+    decision = fixed.make_decision_for_non_running_worker_group()   # Ray's sends a request first
+    assert decision.num_workers == 2 and fixed._coordinator_client is None
+    fixed._cancel_resource_request()                         # the controller's shutdown path: a no-op
+    other = object()
+    assert localray._without_autoscaler_requests(other) is other
+
+    seen = {}
+
+    class Probe(localray.lean_trainer_class()):
+        def _create_default_callbacks(self):
+            return []
+
+    def fake_run(self, **kw):                                # what the parent would hand to the controller
+        seen.update(kw)
+
+    import ray.train.v2.api.data_parallel_trainer as dpt
+
+    orig = dpt.DataParallelTrainer._initialize_and_run_controller
+    dpt.DataParallelTrainer._initialize_and_run_controller = fake_run
+    try:
+        Probe(lambda: None, scaling_config=sc)._initialize_and_run_controller(
+            scaling_policy=create_scaling_policy(sc), callbacks=[])
+    finally:
+        dpt.DataParallelTrainer._initialize_and_run_controller = orig
+    assert type(seen["scaling_policy"]).__name__ == "PrivateFixedScalingPolicy"
+
+
+def test_train_env_sets_the_poll_interval_only_where_the_user_has_not(monkeypatch):
+    from ssfer_dist.distributed import localray
+
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("RAY_TRAIN_METRICS_ENABLED", raising=False)
+    with localray.train_env():
+        assert os.environ[key] == "0.5" and os.environ["RAY_TRAIN_METRICS_ENABLED"] == "0"
+    assert key not in os.environ and "RAY_TRAIN_METRICS_ENABLED" not in os.environ
+    monkeypatch.setenv(key, "3")
+    with localray.train_env():
+        assert os.environ[key] == "3"
+    assert os.environ[key] == "3"
+
+
 def test_private_local_ray_arguments_differ_per_run(monkeypatch):
     from ssfer_dist.distributed.localray import private_init_kwargs
 

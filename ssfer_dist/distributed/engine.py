@@ -125,10 +125,60 @@ def _skip_cpu_shm_comm_op() -> None:
     compatible["deepspeed_shm_comm"] = False
 
 
+_MUON_MODULES = ("deepspeed.runtime.zero.muon.original_muon", "deepspeed.runtime.zero.muon.muon_optimizer")
+
+
+def _import_muon_with_lazy_compile() -> None:
+    """Import DeepSpeed's Muon modules with their ``torch.compile`` deferred to the first call.
+
+    ZeRO's optimizer check and gradient reduction import ``deepspeed.runtime.zero.muon`` to ask whether the
+    optimizer is a ``MuonWithAuxAdam`` (DeepSpeed's comment: "importing Muon compiles its kernels"). Its three
+    ``@compiler.compile()`` decorators build ``torch.compile`` wrappers at import, which imports
+    ``torch._inductor``: 1.3-1.5 s of one CPU per rank before the first step (measured here), for an
+    optimizer this system never builds (:func:`build_optimizer`: AdamW). Here the same modules are imported
+    with DeepSpeed's ``compiler.compile`` returning a decorator that calls ``torch.compile`` on first use:
+    the classes and functions are DeepSpeed's own, and a run that did use Muon would compile on its first
+    update instead of at import. A process that imported them before keeps what it has."""
+    import functools
+    import importlib
+    import sys
+
+    if all(m in sys.modules for m in _MUON_MODULES):
+        return
+    from deepspeed.runtime import compiler
+
+    eager_compile = compiler.compile
+
+    def lazy_compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = eager_compile()(fn)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    compiler.compile = lazy_compile
+    try:
+        for m in _MUON_MODULES:
+            importlib.import_module(m)
+    except ImportError:          # a DeepSpeed without Muon: nothing to defer
+        pass
+    finally:
+        compiler.compile = eager_compile
+
+
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: Dict[str, Any]):
     """``deepspeed.initialize`` (reuses the process group Ray Train created). Returns the engine.
     fp32 ZeRO-3 keeps no second fp32 copy of the partitions (see ``_zero3_fp32_master_is_param``).
-    On CPU, DeepSpeed's shared-memory op is not built (``_skip_cpu_shm_comm_op``)."""
+    On CPU, DeepSpeed's shared-memory op is not built (``_skip_cpu_shm_comm_op``); on any device its Muon
+    kernels are not compiled to check ours (``_import_muon_with_lazy_compile``)."""
     import deepspeed
 
     if not torch.cuda.is_available():
@@ -138,6 +188,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: Dic
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     fp32_zero3 = (config.get("zero_optimization", {}).get("stage") == 3
                   and not config.get("bf16", {}).get("enabled") and not config.get("fp16", {}).get("enabled"))
+    _import_muon_with_lazy_compile()
     with _zero3_fp32_master_is_param() if fp32_zero3 else contextlib.nullcontext():
         engine, _opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                   dist_init_required=False)
