@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from ssfer_dist import console
+    from ssfer_dist.startup import relax_gc
+
+    relax_gc()                         # the driver's imports (ssfer_dist.startup)
 
     args = build_parser().parse_args(argv)
     console.setup(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)

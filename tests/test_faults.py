@@ -396,7 +396,8 @@ def test_private_local_ray_arguments_differ_per_run(monkeypatch):
 
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     plain = private_init_kwargs({"env_vars": {"X": "1"}})
-    assert plain["runtime_env"] == {"env_vars": {"X": "1"}} and "dashboard_port" not in plain   # default: none
+    assert plain["runtime_env"] == {"env_vars": {"X": "1"}, "worker_process_setup_hook": "ssfer_dist.startup.relax_gc"}
+    assert "dashboard_port" not in plain                                                      # default: none
     os.rmdir(plain["_temp_dir"])
     a = private_init_kwargs({"env_vars": {"X": "1"}}, dashboard=True)
     b = private_init_kwargs({}, dashboard=True)

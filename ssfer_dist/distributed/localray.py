@@ -25,6 +25,9 @@ polls to see a finished run and shut the group down: measured 4.0 s between the 
 "Shutting down 2 workers". Here the interval is 0.5 s unless the user set one (a poll is one small actor call
 per worker; a poll that does not answer in time is a missed health check, not a failure).
 
+Every Ray worker process of a private instance starts with the garbage collector's thresholds raised for
+its imports (``SETUP_HOOK``, see :mod:`ssfer_dist.startup`).
+
 ``SYSTEM_CONFIG``: workers at nice 0 (Ray starts them at 15: here the workers are the run), and no idle
 workers prestarted for the driver (none of Ray Train's actors could use them: each has its own runtime env).
 On a cluster (``RAY_ADDRESS``) nothing here applies.
@@ -41,6 +44,7 @@ from typing import Any, Dict, Optional
 __all__ = ["private_init_kwargs", "free_port", "mark_private", "is_private", "lean_trainer_class",
            "SYSTEM_CONFIG", "TRAIN_ENV", "TRAIN_ENV_DEFAULTS", "train_env"]
 
+SETUP_HOOK = "ssfer_dist.startup.relax_gc"      # every worker process of a private instance, at its start
 SYSTEM_CONFIG = {"worker_niceness": 0, "prestart_worker_first_driver": False}
 TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}     # set only where the user has not
@@ -58,6 +62,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def private_init_kwargs(runtime_env: Dict[str, Any], dashboard: bool = False) -> Dict[str, Any]:
     """``ray.init`` arguments for a private local instance (``runtime_env`` is extended, not replaced)."""
     kw: Dict[str, Any] = {"_temp_dir": tempfile.mkdtemp(prefix="ssfer-ray-"), "runtime_env": dict(runtime_env or {})}
+    kw["runtime_env"].setdefault("worker_process_setup_hook", SETUP_HOOK)
     if dashboard:
         port = free_port()
         env = kw["runtime_env"]

@@ -45,6 +45,9 @@ def _final_metrics(run_url: str) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ssfer_dist.startup import relax_gc
+
+    relax_gc()                         # until the loop is built (ssfer_dist.startup)
     import torch
     import torch.distributed as dist
 

@@ -281,6 +281,9 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
                                                    interpolation=d.interpolation),
                          max_member_bytes=d.max_member_bytes, order=d.order, virtual_slots=state.virtual_slots)
     device_aug = stage.device_augment(sub, plan, rank)    # mae/weak geometry on this device (augment_on)
+    from ssfer_dist.startup import settle_gc
+
+    settle_gc()          # start-up is over: the collector's thresholds back, what it allocated frozen (pre-fork)
     batches = iter(make_loader(stream, cfg.data.num_loader_workers, pin_memory=fast.pin_memory))
     if d.replay_batches:                                   # benchmarks: the loop without the loader
         from ssfer_dist.data.pipeline import replay
