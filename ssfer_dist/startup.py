@@ -6,8 +6,9 @@ keeps walking that growing heap meanwhile. Measured on this 2-core machine (``im
 timm, deepspeed`` in a fresh interpreter, 2 runs each): 5.05-5.2 s by default, 4.2-4.4 s with the first
 threshold at 50,000, 4.2-4.7 s with the collector off. On two cores a run starts five such processes.
 
-:func:`relax_gc` raises the thresholds for the start-up (the CLI, the torchrun ranks and, on a private local
-Ray, every Ray worker process through its ``worker_process_setup_hook``); :func:`settle_gc` puts the previous
+:func:`relax_gc` raises the thresholds for the start-up (the CLI, the torchrun ranks, every Ray worker process
+of a private local Ray through its ``worker_process_setup_hook``, and on a cluster the Ray Train workers from
+the start of the train function, which then imports timm and DeepSpeed); :func:`settle_gc` puts the previous
 thresholds back once a training worker is built, and ``gc.freeze()``s what start-up allocated: those objects
 live until the process ends, later collections skip them, and the DataLoader processes forked next do not
 copy the pages a collection would touch. Nothing is ever left uncollected: cycles are found by the next

@@ -162,7 +162,9 @@ def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     :class:`~ssfer_dist.train.plan.LaunchPlan` computed once by the launcher: steps, lr, global batch,
     shard URLs, class names, run URL; read here, never recomputed)."""
     from ssfer_dist.distributed.context import RayContext
+    from ssfer_dist.startup import relax_gc
 
+    relax_gc()      # a cluster's workers too (a private Ray's start relaxed): timm, DeepSpeed and the build follow
     run_worker(payload, RayContext(payload["plan"].run_url))
 
 
