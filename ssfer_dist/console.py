@@ -133,6 +133,8 @@ def setup(verbosity: int = NORMAL) -> None:
     for name in OURS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= VERBOSE else logging.INFO)
     logging.captureWarnings(True)
+    if "ray" in sys.modules:           # imported before us: its loggers keep their own stderr handler otherwise
+        _adopt_ray_loggers()
     # the workers print their Ray prefix without colour; Ray's own record of it stays plain
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 

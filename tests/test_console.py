@@ -173,12 +173,16 @@ def test_set_typo_names_the_set_and_suggests(capsys, restore_logging):
 @pytest.mark.slow
 def test_debug_run_console_has_only_our_lines(tmp_path):
     """``ssfer run configs/debug_cpu_pretrain.yaml > out.txt 2>&1``: every line is ours, no ANSI; the
-    libraries' lines are in ``<run>/logs/ssfer.log``."""
+    libraries' lines are in ``<run>/logs/ssfer.log``; the private Ray's temp folder is gone afterwards."""
+    import shutil
+    import tempfile
+
     from ssfer_dist.train.debugdata import write_debug_shards
 
     shards = write_debug_shards(str(tmp_path / "shards"))
     out = tmp_path / "console.txt"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")      # short: Ray's socket paths live under it
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=tmp)
     env.pop("RAY_ADDRESS", None)
     with open(out, "w") as f:
         p = subprocess.run(
@@ -188,7 +192,11 @@ def test_debug_run_console_has_only_our_lines(tmp_path):
              "--set", "train.preview_every=0"],
             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path), timeout=900)
     text = out.read_text()
+    left = os.listdir(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     assert p.returncode == 0, text[-3000:]
+    assert "started a private local Ray in " + tmp in text
+    assert [x for x in left if x.startswith("ssfer-ray-")] == [], left
     lines = [x for x in text.splitlines() if x.strip()]
     not_ours = [x for x in lines if not (OUR_LINE.match(x) or x.startswith("{\"export\""))]
     assert not_ours == [], not_ours

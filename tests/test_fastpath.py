@@ -37,6 +37,17 @@ def test_automatic_switches_follow_the_device(monkeypatch):
     assert on_cpu.fused and on_cpu.compile and on_cpu.grad_checkpointing
 
 
+def test_the_console_summary_groups_switches_by_why_they_are_off(monkeypatch):
+    cpu = fastpath.summary(fastpath.resolve(_cfg(), "cpu"))
+    assert cpu.startswith("cpu, fp32; off: ") and "on:" not in cpu
+    assert "data.pin_memory, optim.fused" in cpu and "(no CUDA device)" in cpu
+    assert "model.grad_checkpointing (config)" in cpu and "#" not in cpu
+    monkeypatch.setattr(fastpath, "compiler_problem", lambda device: None)
+    gpu = fastpath.summary(fastpath.resolve(_cfg("train.precision=bf16", "train.zero_stage=3"), "cuda"))
+    assert gpu.startswith("cuda, bf16; on: data.pin_memory, optim.fused, train.tf32; off: ")
+    assert "train.compile (ZeRO-3 partitions parameters)" in gpu
+
+
 def test_compile_without_a_compiler_is_a_config_error(monkeypatch):
     monkeypatch.setattr(fastpath.shutil, "which", lambda name: None)
     monkeypatch.setattr(fastpath.os.path, "isfile", lambda p: False)

@@ -407,3 +407,19 @@ def test_private_local_ray_arguments_differ_per_run(monkeypatch):
     assert "RAY_API_SERVER_ADDRESS" not in os.environ        # only the Ray's own processes get it
     for k in (a, b):
         os.rmdir(k["_temp_dir"])
+
+
+def test_a_private_rays_temp_folder_is_removed_after_success_and_kept_after_failure(tmp_path, monkeypatch):
+    """``localray.finish`` at the end of an ``ssfer`` command (the Ray shut down itself is exercised by
+    test_console's debug run, which also checks that nothing is left in its TMPDIR)."""
+    from ssfer_dist.distributed import localray
+
+    for ok in (True, False):
+        temp = tmp_path / f"ssfer-ray-{ok}"
+        (temp / "session_x" / "logs").mkdir(parents=True)
+        (temp / "session_x" / "logs" / "raylet.out").write_text("raylet log")
+        monkeypatch.setattr(localray, "_private_temp", str(temp))
+        monkeypatch.setattr(localray, "_private_gcs", None)        # no Ray connected: nothing to shut down
+        kept = localray.finish(ok=ok)
+        assert (kept is None) == ok and temp.exists() == (not ok)
+        assert localray._private_temp is None and localray.finish(ok=ok) is None      # once

@@ -234,7 +234,7 @@ def ensure_ray(cfg: Config) -> None:
                  object_store_memory=256 * 1024 * 1024, log_to_driver=True,
                  _system_config=localray.SYSTEM_CONFIG, **kw)
         warm.join(timeout=120)
-        localray.mark_private()
+        localray.mark_private(kw["_temp_dir"])
         log.info("started a private local Ray in %s (dashboard %s)", kw["_temp_dir"],
                  kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] if cfg.run.ray_dashboard
                  else "off: run.ray_dashboard=true starts it")
@@ -355,9 +355,9 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
     ensure_ray(cfg)
     check_gpus_cluster(cfg)
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
-    from ssfer_dist.distributed import localray
+    from ssfer_dist.distributed import localray, torchbackend
     from ssfer_dist.train.loop import train_loop_per_worker
 
     res: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
@@ -384,8 +384,8 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
     trainer_cls = localray.lean_trainer_class() if private else TorchTrainer
     trainer = trainer_cls(train_loop_per_worker, train_loop_config=payload, scaling_config=scaling,
                            run_config=run_config,
-                           torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo",
-                                                    timeout_s=int(fc.collective_timeout_s)))
+                           torch_config=torchbackend.backend_config("nccl" if sc.use_gpu else "gloo",
+                                                                    int(fc.collective_timeout_s)))
     log.info("[%s] starting %d Ray Train workers (full log: %s)", label, sc.num_workers, log_path)
     from ssfer_dist.distributed import faults
     from ssfer_dist.distributed.checkpoint import sweep_incomplete

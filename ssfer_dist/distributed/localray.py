@@ -41,7 +41,7 @@ import tempfile
 import threading
 from typing import Any, Dict, Optional
 
-__all__ = ["private_init_kwargs", "free_port", "mark_private", "is_private", "lean_trainer_class",
+__all__ = ["private_init_kwargs", "free_port", "mark_private", "is_private", "finish", "lean_trainer_class",
            "SYSTEM_CONFIG", "TRAIN_ENV", "TRAIN_ENV_DEFAULTS", "train_env"]
 
 SETUP_HOOK = "ssfer_dist.startup.relax_gc"      # every worker process of a private instance, at its start
@@ -51,6 +51,7 @@ TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}     # set only
 _LEFT_OUT = ("PlacementGroupCleanerCallback", "DatasetsCallback")
 
 _private_gcs: Optional[str] = None
+_private_temp: Optional[str] = None      # its temp/session folder (Ray's own logs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,12 +72,36 @@ def private_init_kwargs(runtime_env: Dict[str, Any], dashboard: bool = False) ->
     return kw
 
 
-def mark_private() -> None:
-    """Remember that the Ray this process is connected to is the one it just started."""
-    global _private_gcs
+def mark_private(temp_dir: Optional[str] = None) -> None:
+    """Remember that the Ray this process is connected to is the one it just started (in ``temp_dir``)."""
+    global _private_gcs, _private_temp
     import ray
 
     _private_gcs = ray.get_runtime_context().gcs_address
+    _private_temp = temp_dir
+
+
+def finish(ok: bool) -> Optional[str]:
+    """At the end of a command: shut this process's private Ray down, and remove its temp folder (Ray's own
+    logs; the run's log file has every worker line) when the command succeeded. Returns the folder kept after
+    a failure (None: nothing kept, or no private Ray)."""
+    global _private_gcs, _private_temp
+    import shutil
+
+    if _private_temp is None:
+        return None
+    temp, _private_temp = _private_temp, None
+    try:
+        import ray
+
+        if is_private():
+            ray.shutdown()
+    finally:
+        _private_gcs = None
+    if not ok:
+        return temp
+    shutil.rmtree(temp, ignore_errors=True)
+    return None
 
 
 def is_private() -> bool:

@@ -27,7 +27,7 @@ from torch import nn
 from ssfer_dist.config import Config
 from ssfer_dist.typed import ConfigError
 
-__all__ = ["FastPath", "resolve", "apply_backend_flags", "apply_to_model", "compiler_problem", "describe"]
+__all__ = ["FastPath", "resolve", "apply_backend_flags", "apply_to_model", "compiler_problem", "describe", "summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,29 @@ def resolve(cfg: Config, device: str) -> FastPath:
     return FastPath(device=device, pin_memory=pin, fused=fused, tf32=tf32, compile=comp,
                     grad_checkpointing=bool(cfg.model.grad_checkpointing), precision=cfg.train.precision,
                     notes=tuple(notes))
+
+
+def summary(fp: FastPath) -> str:
+    """One console line: the device and precision, the switches on, and the switches off with why
+    (``cpu, fp32; off: data.pin_memory, optim.fused, train.compile (no CUDA device), ...``)."""
+    switches = {"data.pin_memory": fp.pin_memory, "optim.fused": fp.fused, "train.tf32": fp.tf32,
+                "train.compile": fp.compile, "model.grad_checkpointing": fp.grad_checkpointing}
+    why: dict = {}
+    for note in fp.notes:
+        key, _, rest = note.partition(": ")
+        reason = rest[rest.find("(") + 1:rest.rfind(")")] if "(" in rest else rest
+        why.setdefault(key, reason)
+    on = [k for k, v in switches.items() if v]
+    off: dict = {}
+    for k, v in switches.items():
+        if not v:
+            off.setdefault(why.get(k, "config"), []).append(k)
+    parts = [f"{fp.device}, {fp.precision}"]
+    if on:
+        parts.append("on: " + ", ".join(on))
+    if off:
+        parts.append("off: " + "; ".join(f"{', '.join(keys)} ({reason})" for reason, keys in off.items()))
+    return "; ".join(parts)
 
 
 def apply_backend_flags(fp: FastPath) -> None:

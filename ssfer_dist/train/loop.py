@@ -225,7 +225,7 @@ def _train(cfg, plan: LaunchPlan, payload: Dict[str, Any], watchdog: "faults.Sta
     fast = fastpath.resolve(cfg, device.type)   # this worker's device decides the automatic switches
     fastpath.apply_backend_flags(fast)
     if rank == 0:
-        log.info("fast path: %s", "; ".join(fastpath.describe(fast)))
+        log.info("[%s] fast path: %s", label, fastpath.summary(fast))
 
     total = plan.total_steps
     ga = plan.grad_accum
