@@ -14,7 +14,9 @@ progress line. Phases come from the console (seconds since the command started) 
     python benchmarks/startup.py [--repeat 3] [--steps 3] [--launcher ray|torchrun]
 
 Prints each run's phases and min / median per phase. The target is ``first step`` <= 15 s on an idle
-2-core machine; on a shared machine the load average is printed next to the numbers.
+2-core machine. Each run waits first (at most 120 s) for the 1-minute load average to fall to ``--settle``
+(0.7), so the previous run's processes do not slow the next; the load average it started at is printed next
+to its numbers.
 """
 from __future__ import annotations
 
@@ -75,12 +77,24 @@ def one_run(shards: str, storage: str, name: str, steps: int, launcher: str = "r
     return out
 
 
+def settle(below: float, max_wait: float) -> float:
+    """Wait until the 1-minute load average is at most ``below`` (the previous run's processes make the next
+    one start on a busy machine otherwise), at most ``max_wait`` seconds. Returns the load average then."""
+    t0 = time.time()
+    while os.getloadavg()[0] > below and time.time() - t0 < max_wait:
+        time.sleep(2.0)
+    return os.getloadavg()[0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs (default 3)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
     ap.add_argument("--launcher", default="ray", choices=["ray", "torchrun"],
                     help="ssfer run --launcher (torchrun: no Ray phases)")
+    ap.add_argument("--settle", type=float, default=0.7,
+                    help="before each run, wait (at most 120 s) for the 1-minute load average to drop to this "
+                         "(default 0.7; 0: no wait)")
     a = ap.parse_args()
     from ssfer_dist.train.debugdata import write_debug_shards
 
@@ -88,7 +102,7 @@ def main() -> int:
     shards = write_debug_shards(os.path.join(tmp, "shards"))["fr"]
     runs = []
     for i in range(a.repeat):
-        load = os.getloadavg()[0]
+        load = settle(a.settle, 120.0) if a.settle > 0 else os.getloadavg()[0]
         r = one_run(shards, os.path.join(tmp, "runs"), f"startup-{i}", a.steps, a.launcher)
         runs.append(r)
         print(f"run {i + 1}: " + "  ".join(f"{k} {r[k]:.1f}s" for k in PHASES if k in r)

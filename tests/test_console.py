@@ -205,3 +205,26 @@ def test_debug_run_console_has_only_our_lines(tmp_path):
     log = (tmp_path / "runs" / "debug-pretrain" / "logs" / "ssfer.log").read_text()
     assert "TrainController" in log and "RayTrainWorker" in log
     assert "deepspeed_shm_comm" not in log           # the CPU shm op is not built any more
+
+
+def test_a_bad_input_under_a_private_ray_is_one_line_and_leaves_nothing(tmp_path):
+    """The pre-flight runs beside the local Ray's start: a missing manifest is still the one-line error,
+    exit 2, and the Ray started for nothing is shut down with its temp folder removed."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=tmp)
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run(
+        [sys.executable, "-m", "ssfer_dist.cli", "run", os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"),
+         "--set", f"data.shards={tmp_path / 'nowhere'}", "--set", f"run.storage={tmp_path / 'runs'}"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    left = os.listdir(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    errors = [x for x in p.stderr.splitlines() if x.startswith("ssfer run: error: ")]
+    assert len(errors) == 1 and "data.shards: " in errors[0] and "nowhere" in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    assert [x for x in left if x.startswith("ssfer-ray-")] == [], left
+    assert not (tmp_path / "runs").exists()

@@ -14,6 +14,7 @@ import pytest
 from ssfer_dist import storage
 from ssfer_dist.distributed import checkpoint as ck
 from ssfer_dist.distributed import faults
+from ssfer_dist.errors import UserError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -423,3 +424,57 @@ def test_a_private_rays_temp_folder_is_removed_after_success_and_kept_after_fail
         kept = localray.finish(ok=ok)
         assert (kept is None) == ok and temp.exists() == (not ok)
         assert localray._private_temp is None and localray.finish(ok=ok) is None      # once
+
+
+def test_preflight_beside_a_private_ray_start(monkeypatch):
+    """``ssfer run`` on its own local Ray checks and plans in a thread while ``ray.init`` runs on the main
+    thread: the input's error wins (and that Ray is shut down), a surprise in the thread is repeated on the
+    main thread, and a run on a given Ray keeps the plain order."""
+    import threading
+
+    import ray
+
+    from ssfer_dist.config import Config
+    from ssfer_dist.distributed import launch, localray
+
+    calls, finished = [], []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(launch, "ensure_ray", lambda cfg, warm=True: calls.append(("ray", warm)))
+    monkeypatch.setattr(localray, "finish", lambda ok: finished.append(ok))
+    monkeypatch.setattr(localray, "import_train", lambda: calls.append(("imports", threading.current_thread().name)))
+
+    def plan_ok(cfg, ray_is_ours=None):
+        calls.append(("plan", threading.current_thread().name, ray_is_ours))
+        return "PLAN"
+
+    monkeypatch.setattr(launch, "_check_and_plan", plan_ok)
+    assert launch._checked_plan(Config()) == "PLAN"
+    assert ("ray", False) in calls and ("plan", "ssfer-preflight", False) in calls
+    assert ("imports", "ssfer-preflight") in calls and finished == []
+
+    def bad_input(cfg, ray_is_ours=None):
+        raise UserError("data.shards: nowhere/manifest.parquet: no shard manifest here")
+
+    monkeypatch.setattr(launch, "_check_and_plan", bad_input)
+    with pytest.raises(UserError, match="^data.shards: nowhere"):
+        launch._checked_plan(Config())
+    assert finished == [True]                   # the Ray it started is shut down and its folder removed
+
+    attempts = []
+
+    def race_then_ok(cfg, ray_is_ours=None):
+        attempts.append(threading.current_thread().name)
+        if len(attempts) == 1:
+            raise ImportError("deadlock detected by _ModuleLock('torch._dynamo')")
+        return "PLAN2"
+
+    monkeypatch.setattr(launch, "_check_and_plan", race_then_ok)
+    assert launch._checked_plan(Config()) == "PLAN2"
+    assert attempts == ["ssfer-preflight", threading.current_thread().name]
+
+    calls.clear()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)         # a Ray the caller started: plain order
+    monkeypatch.setattr(launch, "_check_and_plan", plan_ok)
+    assert launch._checked_plan(Config()) == "PLAN"
+    assert calls == [("plan", threading.current_thread().name, None)]

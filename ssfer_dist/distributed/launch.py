@@ -24,7 +24,6 @@ from ssfer_dist import storage
 from ssfer_dist.config import Config, absolute_paths, derived, load_config, load_pipeline, to_dict
 from ssfer_dist.errors import UserError
 from ssfer_dist.stages import get_stage
-from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.train.plan import LaunchPlan, UnlabeledPlan
 from ssfer_dist.worker_env import non_secret_env
 
@@ -131,6 +130,8 @@ def preflight(cfg: Config, check_storage: bool = True) -> LaunchPlan:
                         + [u.shards for u in cfg.data.unlabeled]),
         datasets=tuple(dict.fromkeys(d for d in datasets if d)), eval_urls=tuple(eval_urls), eval_num_samples=eval_n,
         shard_counts=tuple(int(s.num_samples) for s in labeled.shards))
+    from ssfer_dist.stages.base import StageConfigs      # torch: not imported by `import launch`
+
     stage.preflight(StageConfigs.of(cfg), plan)
     if check_storage:
         try:
@@ -196,7 +197,7 @@ def _worker_env(use_gpu: bool = False) -> Dict[str, str]:
     return env
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: Config, warm: bool = True) -> None:
     """Connect to ``RAY_ADDRESS`` when set, reuse an initialised Ray, else start a small local one.
 
     The local Ray's raylet and workers are children of this process and inherit its environment (S3
@@ -225,7 +226,7 @@ def ensure_ray(cfg: Config) -> None:
     from ssfer_dist.distributed import localray
 
     kw = localray.private_init_kwargs(env, dashboard=cfg.run.ray_dashboard)
-    warm = localray.warm_imports()     # ray.init mostly waits on its daemons: import Ray Train meanwhile
+    warm_t = localray.warm_imports() if warm else None   # ray.init mostly waits on its daemons: import meanwhile
     try:
         # address="local": a new instance even when `ray start` left one running on this machine.
         # The dashboard (run.ray_dashboard) is off by default: its ten head processes cost ~5 s of a small
@@ -233,7 +234,8 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=cfg.run.ray_dashboard,
                  object_store_memory=256 * 1024 * 1024, log_to_driver=True,
                  _system_config=localray.SYSTEM_CONFIG, **kw)
-        warm.join(timeout=120)
+        if warm_t is not None:
+            warm_t.join(timeout=120)
         localray.mark_private(kw["_temp_dir"])
         log.info("started a private local Ray in %s (dashboard %s)", kw["_temp_dir"],
                  kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] if cfg.run.ray_dashboard
@@ -281,16 +283,18 @@ def gpus_needed(cfg: Config) -> float:
     return sc.num_workers * float(sc.gpus_per_worker or 1.0) if sc.use_gpu else 0.0
 
 
-def check_gpus_local(cfg: Config) -> None:
+def check_gpus_local(cfg: Config, ray_is_ours: Optional[bool] = None) -> None:
     """``scaling.use_gpu`` on a local run (no ``RAY_ADDRESS``, no Ray started by the caller): this machine
     must have the GPUs, else one clear error before any worker starts (Ray would wait for them forever).
     A CPU-only head driving GPU workers of a cluster is fine: that is checked by :func:`check_gpus_cluster`."""
     need = gpus_needed(cfg)
     if not need or on_cluster():
         return
-    import ray
+    if ray_is_ours is None:
+        import ray
 
-    if ray.is_initialized():           # a Ray this process started: its resources are this machine's
+        ray_is_ours = ray.is_initialized()
+    if ray_is_ours:                    # a Ray this process started: its resources are this machine's
         return check_gpus_cluster(cfg)
     import torch
 
@@ -447,16 +451,70 @@ def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False, 
     if dry_run:
         sys.stdout.write(dry_run_text(cfg, config_path))
         return 0
-    check_gpus_local(cfg)              # the machine first: nothing is read or written when it cannot run
-    check_fast_path_local(cfg)
     if launcher == "torchrun":
+        check_gpus_local(cfg)          # the machine first: nothing is read or written when it cannot run
+        check_fast_path_local(cfg)
         return run_torchrun(config_path, overrides, cfg.scaling.num_workers)
-    plan = preflight(cfg)
+    plan = _checked_plan(cfg)
     result = run_stage(cfg, plan)
     print(json.dumps({"run": result.run_url, "export": result.export_path,
                       "final": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}},
                      sort_keys=True))
     return 0
+
+
+def _check_and_plan(cfg: Config, ray_is_ours: Optional[bool] = None) -> LaunchPlan:
+    check_gpus_local(cfg, ray_is_ours)  # the machine first: nothing is read or written when it cannot run
+    check_fast_path_local(cfg)
+    return preflight(cfg)
+
+
+def _checked_plan(cfg: Config) -> LaunchPlan:
+    """The machine checks and the pre-flight, and on a run that starts its own local Ray, that Ray's start
+    beside them: ``ray.init`` mostly waits on its daemons, and the pre-flight's imports (torch, the stage)
+    and reads take ~2 s of a small run's start-up on two cores. ``ray.init`` stays on the main thread (its
+    daemons die with the thread that started them). A bad input is still reported as its own one-line error,
+    once the Ray start has returned, and that Ray is shut down and its folder removed: nothing ran on it."""
+    import threading
+
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return _check_and_plan(cfg)
+    from ssfer_dist.distributed import localray
+
+    box: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["plan"] = _check_and_plan(cfg, ray_is_ours=False)    # checked as before ray.init
+        except BaseException as e:  # noqa: BLE001 - handled on the main thread
+            box["error"] = e
+            return
+        localray.import_train()        # what the driver needs next (this thread's imports, one at a time)
+
+    t = threading.Thread(target=work, name="ssfer-preflight", daemon=True)
+    t.start()
+    try:
+        ensure_ray(cfg, warm=False)
+    except BaseException:
+        t.join()
+        if isinstance(box.get("error"), UserError):    # the input's own error first
+            raise box["error"] from None
+        raise
+    t.join()
+    err = box.get("error")
+    if isinstance(err, UserError):
+        localray.finish(ok=True)       # nothing ran on it
+        raise err
+    if err is not None:                # not the input's fault (e.g. an import raced ray.init's): check here
+        log.debug("pre-flight beside the Ray start failed (%s: %s); repeating it", type(err).__name__, err)
+        try:
+            return _check_and_plan(cfg, ray_is_ours=False)
+        except UserError:
+            localray.finish(ok=True)
+            raise
+    return box["plan"]
 
 
 def torchrun_command(config_path: str, overrides: List[str], nproc: int) -> List[str]:
@@ -574,12 +632,12 @@ def run_pipeline(path: str, overrides: List[str]) -> List[RunResult]:
     from ssfer_dist import console
 
     cfgs = pipeline_configs(path, overrides)
-    preflight(cfgs[0])          # fail early for the first stage; later stages are checked before they start
+    first = _checked_plan(cfgs[0])     # fail early for the first stage; later stages are checked before they start
     steps = [planned_steps(c) for c in cfgs]
     results = []
     for i, (name, cfg) in enumerate(zip(_PIPE_STAGES, cfgs)):
         with console.stage(i + 1, len(cfgs), name, future_steps=steps[i + 1:]):
-            results.append(run_stage(cfg, preflight(cfg), label=name))
+            results.append(run_stage(cfg, first if i == 0 else preflight(cfg), label=name))
     return results
 
 

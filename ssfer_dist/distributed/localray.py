@@ -34,6 +34,7 @@ On a cluster (``RAY_ADDRESS``) nothing here applies.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -101,6 +102,8 @@ def finish(ok: bool) -> Optional[str]:
     if not ok:
         return temp
     shutil.rmtree(temp, ignore_errors=True)
+    # a daemon of the instance still exiting can recreate its (empty) session folder: once more at exit
+    atexit.register(shutil.rmtree, temp, ignore_errors=True)
     return None
 
 
@@ -112,7 +115,7 @@ def is_private() -> bool:
             and ray.get_runtime_context().gcs_address == _private_gcs)
 
 
-def _import_train() -> None:
+def import_train() -> None:
     try:
         import ray.train.torch  # noqa: F401
         import ssfer_dist.train.loop  # noqa: F401
@@ -123,7 +126,7 @@ def _import_train() -> None:
 def warm_imports() -> threading.Thread:
     """Import Ray Train and the worker loop (torch) in a thread, started before ``ray.init``: the driver then
     spends its wait for Ray's daemons on them (~2 s of a small run's start-up on two cores)."""
-    t = threading.Thread(target=_import_train, name="ssfer-warm-imports", daemon=True)
+    t = threading.Thread(target=import_train, name="ssfer-warm-imports", daemon=True)
     t.start()
     return t
 
