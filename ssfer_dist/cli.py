@@ -207,12 +207,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     console.setup(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
-    rc = run_command("ssfer", args)
     from ssfer_dist.distributed import localray
 
-    kept = localray.finish(ok=rc == 0)   # a private local Ray: shut down; its temp folder removed after success
-    if kept:
-        print(f"ssfer {args.command}: the local Ray's own logs are in {kept}", file=sys.stderr)
+    before = localray.current_private()
+    rc = run_command("ssfer", args)
+    if localray.current_private() not in (None, before):     # a local Ray this command started: shut it down,
+        kept = localray.finish(ok=rc == 0)                    # its temp folder removed after success
+        if kept and rc != 0:
+            print(f"ssfer {args.command}: the local Ray's own logs are in {kept}", file=sys.stderr)
     return rc
 
 

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import time
 
 import pytest
@@ -174,6 +175,7 @@ def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_pa
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["SSFER_KEEP_RAY_LOGS"] = "1"             # the Ray's own logs are searched below (removed afterwards)
     procs = []
     for name in ("twin-a", "twin-b"):
         args = [sys.executable, "-m", "ssfer_dist", "run", PRETRAIN]
@@ -206,6 +208,7 @@ def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_pa
         for out in glob.glob(os.path.join(d, "session_latest", "logs", "worker-*.out")):
             with open(out, errors="replace") as f:
                 actors |= set(re.findall(r":actor_name:(\w+)", f.read()))
+        shutil.rmtree(d, ignore_errors=True)
         assert "RayTrainWorker" in actors and "TrainController" in actors, actors      # the search sees actors
         assert not actors & {"PlacementGroupCleaner", "DatasetManager", "PreemptionWatcher"}, actors
 

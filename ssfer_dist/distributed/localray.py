@@ -42,8 +42,8 @@ import tempfile
 import threading
 from typing import Any, Dict, Optional
 
-__all__ = ["private_init_kwargs", "free_port", "mark_private", "is_private", "finish", "lean_trainer_class",
-           "SYSTEM_CONFIG", "TRAIN_ENV", "TRAIN_ENV_DEFAULTS", "train_env"]
+__all__ = ["private_init_kwargs", "free_port", "mark_private", "is_private", "current_private", "finish",
+           "lean_trainer_class", "SYSTEM_CONFIG", "TRAIN_ENV", "TRAIN_ENV_DEFAULTS", "train_env"]
 
 SETUP_HOOK = "ssfer_dist.startup.relax_gc"      # every worker process of a private instance, at its start
 SYSTEM_CONFIG = {"worker_niceness": 0, "prestart_worker_first_driver": False}
@@ -82,10 +82,15 @@ def mark_private(temp_dir: Optional[str] = None) -> None:
     _private_temp = temp_dir
 
 
+def current_private() -> Optional[str]:
+    """The temp folder of the private Ray this process started (None: none)."""
+    return _private_temp
+
+
 def finish(ok: bool) -> Optional[str]:
     """At the end of a command: shut this process's private Ray down, and remove its temp folder (Ray's own
-    logs; the run's log file has every worker line) when the command succeeded. Returns the folder kept after
-    a failure (None: nothing kept, or no private Ray)."""
+    logs; the run's log file has every worker line) when the command succeeded, unless ``SSFER_KEEP_RAY_LOGS``
+    is set. Returns the folder kept (None: nothing kept, or no private Ray)."""
     global _private_gcs, _private_temp
     import shutil
 
@@ -99,7 +104,7 @@ def finish(ok: bool) -> Optional[str]:
             ray.shutdown()
     finally:
         _private_gcs = None
-    if not ok:
+    if not ok or os.environ.get("SSFER_KEEP_RAY_LOGS"):
         return temp
     shutil.rmtree(temp, ignore_errors=True)
     # a daemon of the instance still exiting can recreate its (empty) session folder: once more at exit
