@@ -147,6 +147,21 @@ def s3_bucket(s3_server):
     yield f"s3://{name}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_private_ray_folders_left():
+    """Tests that start a private local Ray in this process (the demo, in-process ``ssfer`` calls that fail on
+    purpose, library calls that never reach the CLI's finish) leave its temp folder, as a user's failed command
+    does: at the end of the session those of this process (by Ray's driver log, so never a folder of another
+    run on the machine) are removed."""
+    yield
+    import glob
+
+    pid = os.getpid()
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "ssfer-ray-*")):
+        if glob.glob(os.path.join(d, "session_*", "logs", f"python-core-driver-*_{pid}.log")):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """A small local Ray instance shared by the session (2 CPUs, no dashboard).

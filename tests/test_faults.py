@@ -315,8 +315,11 @@ def test_ray_start_up_failures_are_one_line(monkeypatch):
         launch.ensure_ray(Config())
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(UserError,
-                       match=r"^could not start a local Ray: TimeoutError: Timed out .*\(logs: .*ssfer-ray-"):
+                       match=r"^could not start a local Ray: TimeoutError: Timed out .*\(logs: .*ssfer-ray-") as e:
         launch.ensure_ray(Config())
+    kept = str(e.value).rsplit("(logs: ", 1)[1].rstrip(")")
+    assert os.path.isdir(kept)                  # kept for the user to read; removed here
+    os.rmdir(kept)
 
 
 def test_the_lean_trainer_leaves_out_only_the_cluster_helpers():

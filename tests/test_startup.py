@@ -48,7 +48,7 @@ def test_a_private_local_ray_starts_its_workers_with_the_relaxed_collector():
             return gc.get_threshold()
 
         print("RESULT", json.dumps(ray.get(thresholds.remote(), timeout=120)))
-        ray.shutdown()
+        localray.finish(ok=True)            # shut down, its temp folder removed
     """)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=200)
