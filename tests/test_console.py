@@ -170,30 +170,40 @@ def test_set_typo_names_the_set_and_suggests(capsys, restore_logging):
     assert "debug_cpu_pretrain.yaml" not in err
 
 
+def _debug_run_in_own_tmp(tmp_path, sets, **run_kw):
+    """``ssfer run configs/debug_cpu_pretrain.yaml`` (runs under ``tmp_path/runs``) in a subprocess on its own
+    local Ray, with a TMPDIR of its own: (the process, that TMPDIR, what was left in it; the folder removed)."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")      # short: Ray's socket paths live under it
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=tmp)
+    env.pop("RAY_ADDRESS", None)
+    try:
+        p = subprocess.run([sys.executable, "-m", "ssfer_dist.cli", "run",
+                            os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"),
+                            "--set", f"run.storage={tmp_path / 'runs'}", *sets],
+                           env=env, cwd=str(tmp_path), **run_kw)
+        return p, tmp, os.listdir(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_debug_run_console_has_only_our_lines(tmp_path):
     """``ssfer run configs/debug_cpu_pretrain.yaml > out.txt 2>&1``: every line is ours, no ANSI; the
     libraries' lines are in ``<run>/logs/ssfer.log``; the private Ray's temp folder is gone afterwards."""
-    import shutil
-    import tempfile
-
     from ssfer_dist.train.debugdata import write_debug_shards
 
     shards = write_debug_shards(str(tmp_path / "shards"))
     out = tmp_path / "console.txt"
-    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")      # short: Ray's socket paths live under it
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=tmp)
-    env.pop("RAY_ADDRESS", None)
     with open(out, "w") as f:
-        p = subprocess.run(
-            [sys.executable, "-m", "ssfer_dist.cli", "run", os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"),
-             "--set", f"data.shards={shards['fr']}", "--set", f"run.storage={tmp_path / 'runs'}",
-             "--set", "train.max_steps=4", "--set", "train.log_every=2", "--set", "checkpoint.every_steps=2",
-             "--set", "train.preview_every=0"],
-            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path), timeout=900)
+        p, tmp, left = _debug_run_in_own_tmp(
+            tmp_path, ["--set", f"data.shards={shards['fr']}", "--set", "train.max_steps=4",
+                       "--set", "train.log_every=2", "--set", "checkpoint.every_steps=2",
+                       "--set", "train.preview_every=0"],
+            stdout=f, stderr=subprocess.STDOUT, timeout=900)
     text = out.read_text()
-    left = os.listdir(tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
     assert p.returncode == 0, text[-3000:]
     assert "started a private local Ray in " + tmp in text
     assert [x for x in left if x.startswith("ssfer-ray-")] == [], left
@@ -210,18 +220,8 @@ def test_debug_run_console_has_only_our_lines(tmp_path):
 def test_a_bad_input_under_a_private_ray_is_one_line_and_leaves_nothing(tmp_path):
     """The pre-flight runs beside the local Ray's start: a missing manifest is still the one-line error,
     exit 2, and the Ray started for nothing is shut down with its temp folder removed."""
-    import shutil
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=tmp)
-    env.pop("RAY_ADDRESS", None)
-    p = subprocess.run(
-        [sys.executable, "-m", "ssfer_dist.cli", "run", os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"),
-         "--set", f"data.shards={tmp_path / 'nowhere'}", "--set", f"run.storage={tmp_path / 'runs'}"],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
-    left = os.listdir(tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
+    p, _, left = _debug_run_in_own_tmp(tmp_path, ["--set", f"data.shards={tmp_path / 'nowhere'}"],
+                                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     errors = [x for x in p.stderr.splitlines() if x.startswith("ssfer run: error: ")]
     assert len(errors) == 1 and "data.shards: " in errors[0] and "nowhere" in errors[0], p.stderr[-2000:]

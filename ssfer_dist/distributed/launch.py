@@ -504,17 +504,17 @@ def _checked_plan(cfg: Config) -> LaunchPlan:
         raise
     t.join()
     err = box.get("error")
-    if isinstance(err, UserError):
-        localray.finish(ok=True)       # nothing ran on it
-        raise err
-    if err is not None:                # not the input's fault (e.g. an import raced ray.init's): check here
+    try:
+        if err is None:
+            return box["plan"]
+        if isinstance(err, UserError):
+            raise err
+        # not the input's fault (e.g. an import raced ray.init's): checked again here
         log.debug("pre-flight beside the Ray start failed (%s: %s); repeating it", type(err).__name__, err)
-        try:
-            return _check_and_plan(cfg, ray_is_ours=False)
-        except UserError:
-            localray.finish(ok=True)
-            raise
-    return box["plan"]
+        return _check_and_plan(cfg, ray_is_ours=False)
+    except UserError:
+        localray.finish(ok=True)       # nothing ran on it
+        raise
 
 
 def torchrun_command(config_path: str, overrides: List[str], nproc: int) -> List[str]:

@@ -40,6 +40,7 @@ class FastPath:
     grad_checkpointing: bool
     precision: str
     notes: Tuple[str, ...] = ()       # why an automatic switch is off
+    why_off: Tuple[Tuple[str, str], ...] = ()     # (switch, reason) for each note, in the same order
 
 
 def compiler_problem(device: str) -> Optional[str]:
@@ -65,23 +66,23 @@ def resolve(cfg: Config, device: str) -> FastPath:
     """The switches for a worker whose training device type is ``device``; ConfigError for an explicit
     ``train.compile: true`` the machine cannot honour."""
     cuda = device == "cuda"
-    notes: List[str] = []
+    notes: List[Tuple[str, str, str]] = []          # (switch, what happened, why)
 
     def auto(value: Optional[bool], key: str, default_on: bool, why_off: str) -> bool:
         if value is not None:
             return bool(value)
         if not default_on:
-            notes.append(f"{key}: auto-off ({why_off})")
+            notes.append((key, "auto-off", why_off))
         return default_on
 
     pin = auto(cfg.data.pin_memory, "data.pin_memory", cuda, "no CUDA device")
     if pin and not cuda:
-        notes.append("data.pin_memory: off (pinned memory needs a CUDA device)")
+        notes.append(("data.pin_memory", "off", "pinned memory needs a CUDA device"))
         pin = False
     fused = auto(cfg.optim.fused, "optim.fused", cuda, "no CUDA device")
     tf32 = bool(cfg.train.tf32) and cuda
     if cfg.train.tf32 and not cuda:
-        notes.append("train.tf32: no effect (no CUDA device)")
+        notes.append(("train.tf32", "no effect", "no CUDA device"))
     zero3 = cfg.train.zero_stage == 3
     comp = auto(cfg.train.compile, "train.compile", cuda and not zero3,
                 "ZeRO-3 partitions parameters" if cuda else "no CUDA device")
@@ -90,11 +91,12 @@ def resolve(cfg: Config, device: str) -> FastPath:
         if why is not None:
             if cfg.train.compile:     # asked for explicitly: a clear error
                 raise ConfigError(f"train.compile: true, but {why}; install it or set train.compile: false")
-            notes.append(f"train.compile: auto-off ({why})")
+            notes.append(("train.compile", "auto-off", why))
             comp = False
     return FastPath(device=device, pin_memory=pin, fused=fused, tf32=tf32, compile=comp,
                     grad_checkpointing=bool(cfg.model.grad_checkpointing), precision=cfg.train.precision,
-                    notes=tuple(notes))
+                    notes=tuple(f"{key}: {what} ({why})" for key, what, why in notes),
+                    why_off=tuple((key, why) for key, _, why in notes))
 
 
 def summary(fp: FastPath) -> str:
@@ -102,11 +104,7 @@ def summary(fp: FastPath) -> str:
     (``cpu, fp32; off: data.pin_memory, optim.fused, train.compile (no CUDA device), ...``)."""
     switches = {"data.pin_memory": fp.pin_memory, "optim.fused": fp.fused, "train.tf32": fp.tf32,
                 "train.compile": fp.compile, "model.grad_checkpointing": fp.grad_checkpointing}
-    why: dict = {}
-    for note in fp.notes:
-        key, _, rest = note.partition(": ")
-        reason = rest[rest.find("(") + 1:rest.rfind(")")] if "(" in rest else rest
-        why.setdefault(key, reason)
+    why = dict(reversed(fp.why_off))          # a switch's first reason
     on = [k for k, v in switches.items() if v]
     off: dict = {}
     for k, v in switches.items():
