@@ -30,6 +30,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import results  # noqa: E402  (benchmarks/results.py: this folder is sys.path[0] for a script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -71,7 +72,7 @@ def _as_shard_build_writes_it(url: str) -> None:
 
 
 def build_data(root: str, n: int, size: int = 112):
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
     from ssfer_dist.train.debugdata import face_images, write_shard_folder
 
     imgs = face_images(n, size, seed=1)
@@ -198,7 +199,7 @@ def bench_imagefolder(folder, n, batch):
     import torchvision
     from torchvision import transforms as T
 
-    from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
+    from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 
     tf = T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                     T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(FACE_MEAN, FACE_STD)])
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
                          "~790 TFLOP/s bf16)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
 
     with tempfile.TemporaryDirectory() as root:
         shards, folder = build_data(root, a.images)
@@ -271,8 +272,15 @@ def main(argv=None) -> int:
     g = a.gpu_img_per_s
     print(f"\ncores per H200 for ViT-B/16 MAE at 224 px (assumed {g:,.0f} img/s per GPU), one loader process per "
           "core, from the median img per CPU-second:")
-    for name in ("ours aug=device", "ours dec=device", "ours aug=cpu", "ImageFolder"):
-        print(f"  {name:16s} {g / med[name]:5.1f} cores")
+    cores = {name: g / med[name] for name in ("ours aug=device", "ours dec=device", "ours aug=cpu", "ImageFolder")}
+    for name, n in cores.items():
+        print(f"  {name:16s} {n:5.1f} cores")
+    results.record("loader", results.command_line(argv), {k: [x[1] for x in v] for k, v in rows.items()},
+                   unit="img per CPU-s", baseline="decode-only",
+                   note=f"{a.images} JPEGs at 112 px → 224-px MAE views, 1 loader process, batch {a.batch}",
+                   extra={"wall_img_per_s": {k: [x[0] for x in v] for k, v in rows.items()},
+                          "device_side_ms_per_batch_on_cpu": dev, "cpu_views_ms_per_img": cpu_views,
+                          "cores_per_gpu": {"assumed_gpu_img_per_s": g, **cores}})
     return 0
 
 

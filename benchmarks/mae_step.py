@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn as nn
+import results  # noqa: E402  (benchmarks/results.py: this folder is sys.path[0] for a script)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ssfer_dist.models.mae import build_mae  # noqa: E402
@@ -202,6 +203,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     for size in args.sizes.split(","):
         r = bench_size(size.strip(), args)
+        results.record(f"mae_step_{size.strip()}_{args.img}px_{args.dtype}", results.command_line(argv),
+                       {"reference-style MAE": {"min": args.batch / r["ref_s_per_step_min"],
+                                                "median": r["ref_img_per_s"]},
+                        "ours": {"min": args.batch / r["ours_s_per_step_min"], "median": r["ours_img_per_s"]}},
+                       unit="img/s (min: from the fastest step)", baseline="reference-style MAE",
+                       note=f"batch {args.batch}, {args.steps} timed steps each, interleaved", extra=r)
         if args.json:
             print(json.dumps(r))
         else:

@@ -4,7 +4,7 @@
 A benchmark calls, once it has its numbers::
 
     import results   # benchmarks/ is on sys.path when a benchmark runs as `python benchmarks/x.py`
-    results.record("loader", "OMP_NUM_THREADS=1 python benchmarks/loader.py --repeats 3",
+    results.record("loader", results.command_line(),
                    {"decode-only, PIL": [2173.0, 2423.0], "augment_on: device": [2010.0, 2175.0]},
                    unit="img per CPU-s", baseline="decode-only, PIL")
 
@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +28,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "results"
 Row = Union[Sequence[float], Mapping[str, float]]
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """This benchmark's command as typed, its script path relative to the repository (threads go apart)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(DEFAULT_DIR.parent.parent)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *(sys.argv[1:] if argv is None else argv)])
 
 
 def results_dir() -> Path:

@@ -2,6 +2,7 @@
 key; README and ARCHITECTURE stay short; the README's commands name entry points that exist."""
 import dataclasses
 import importlib.util
+import json
 import re
 import typing
 from pathlib import Path
@@ -82,3 +83,33 @@ def test_readme_commands_name_entry_points_that_exist():
     for path in re.findall(r"\b((?:configs|benchmarks|docs|cluster)/[\w./-]+\.(?:yaml|py|md|sh))", readme):
         assert (ROOT / path).exists(), f"README names {path}, which is missing"
     assert "ruff check ." in readme and "python -m pytest -q" in readme   # what .ci/run runs
+
+
+def _bench_results():
+    spec = importlib.util.spec_from_file_location("bench_results", ROOT / "benchmarks" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_helper_records_min_median_baseline_and_machine(tmp_path, monkeypatch):
+    res = _bench_results()
+    monkeypatch.setenv("SSFER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = res.record("toy", "python benchmarks/toy.py", {"bare": [4.0, 2.0, 3.0], "ours": {"min": 1.0, "median": 1.5}},
+                      unit="img/s", baseline="bare")
+    doc = json.loads(path.read_text())
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert rows["bare"]["min"] == 2.0 and rows["bare"]["median"] == 3.0 and rows["ours"]["vs_baseline"] == 0.5
+    assert doc["omp_num_threads"] == "1" and doc["machine"]["cores"] >= 1 and doc["command"].endswith("toy.py")
+    table = (tmp_path / "README.md").read_text()
+    assert "| [toy](toy.json) | ours | 1 | 1.5 | img/s | 0.50× | 1 |" in table
+
+
+def test_results_table_is_generated_from_the_json_files():
+    res = _bench_results()
+    folder = ROOT / "benchmarks" / "results"
+    docs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+    assert docs, "benchmarks/results/ holds no figures"
+    assert (folder / "README.md").read_text(encoding="utf-8") == res.render_table(docs), \
+        "benchmarks/results/README.md is stale: run python benchmarks/results.py"
