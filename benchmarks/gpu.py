@@ -1,4 +1,4 @@
-"""One prepared check for a CUDA machine (issue 11), under 8 minutes on one H200; prints one JSON summary.
+"""One prepared check for a CUDA machine; prints one JSON summary and records it in benchmarks/results/gpu.json.
 
 1. **peak**: the GPU's bf16 matmul throughput (an 8192³ product), measured in this run — the MFU baseline.
 2. **step**: MAE ViT-B/16 bf16 train step (forward + backward + fused AdamW) at 224 and 112 px, batch 256,

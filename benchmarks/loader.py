@@ -19,7 +19,7 @@ batched ``decode_jpeg``), the strong view's RandAugment per image, and the cores
     OMP_NUM_THREADS=1 python benchmarks/loader.py [--images 3000] [--batch 64] [--repeats 3]
 
 Prints min / median img/s over the repeats and the ratios aug=device / decode-only (target >= 0.8) and
-aug=device / ImageFolder (target >= 3).
+aug=device / ImageFolder (target >= 3); records them in benchmarks/results/loader.json.
 """
 from __future__ import annotations
 

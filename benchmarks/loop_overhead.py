@@ -8,8 +8,8 @@
   the median of the ``images_per_s`` the loop logs every ``--log-every`` steps, the first and last windows
   left out (warm-up; the final checkpoint and export).
 
-Each round runs bare, then every launcher; ``--repeats`` rounds give min / median per ratio. Target
-(issue 11): loop ≥ 0.9× bare. Prints one JSON summary last.
+Each round runs bare, then every launcher; ``--repeats`` rounds give min / median per ratio. Target:
+loop ≥ 0.9× bare. Prints one JSON summary last and records the figures in benchmarks/results/.
 
     OMP_NUM_THREADS=2 python benchmarks/loop_overhead.py --repeats 3
     OMP_NUM_THREADS=2 python benchmarks/loop_overhead.py --launchers torchrun --size micro --img 32 --steps 40

@@ -6,7 +6,7 @@ position near the start of the epoch and one 10x further in, under both data ord
 - ``shards`` (``data.order: shards``, ``data/order.py``): the position is a shard-level coordinate; the lane
   opens the one shard that holds it.
 
-Target (issue 13): far / near <= 1.5 with ``order: shards``. Each latency is the min of ``--repeats`` builds
+Target: far / near <= 1.5 with ``order: shards``. Each latency is the min of ``--repeats`` builds
 (fresh loader each time, in-process, one lane). Prints one JSON summary last.
 
     OMP_NUM_THREADS=1 python benchmarks/resume_latency.py [--shards 200 --per-shard 100 --near 20]
