@@ -76,12 +76,14 @@ def test_docs_quote_no_timings_and_link_the_results():
     assert not re.search(r"\b\d+(\.\d+)? ?(s|min|ms)\b(?! per)", readme), "a timing in README.md"
 
 
-def test_readme_commands_name_entry_points_that_exist():
+def test_docs_commands_name_entry_points_and_files_that_exist():
+    for doc in ("README.md", "docs/multi-node.md", "docs/ARCHITECTURE.md"):
+        text = "\n".join(_lines(doc))
+        for module in re.findall(r"-m (ssfer_dist[\w.]*)", text):
+            assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{doc} runs -m {module}, which is missing"
+        for path in re.findall(r"(?<![\w/])((?:configs|benchmarks|docs|cluster)/[\w./-]+\.(?:yaml|py|md|sh))", text):
+            assert (ROOT / path).exists(), f"{doc} names {path}, which is missing"
     readme = "\n".join(_lines("README.md"))
-    for module in re.findall(r"-m (ssfer_dist[\w.]*)", readme):
-        assert importlib.util.find_spec(module) is not None, f"README names python -m {module}, which is missing"
-    for path in re.findall(r"\b((?:configs|benchmarks|docs|cluster)/[\w./-]+\.(?:yaml|py|md|sh))", readme):
-        assert (ROOT / path).exists(), f"README names {path}, which is missing"
     assert "ruff check ." in readme and "python -m pytest -q" in readme   # what .ci/run runs
 
 
