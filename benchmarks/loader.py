@@ -71,7 +71,7 @@ def _as_shard_build_writes_it(url: str) -> None:
 
 
 def build_data(root: str, n: int, size: int = 112):
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
     from ssfer_dist.train.debugdata import face_images, write_shard_folder
 
     imgs = face_images(n, size, seed=1)
@@ -198,7 +198,7 @@ def bench_imagefolder(folder, n, batch):
     import torchvision
     from torchvision import transforms as T
 
-    from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
+    from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 
     tf = T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                     T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(FACE_MEAN, FACE_STD)])
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
                          "~790 TFLOP/s bf16)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
 
     with tempfile.TemporaryDirectory() as root:
         shards, folder = build_data(root, a.images)

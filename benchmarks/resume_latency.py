@@ -23,7 +23,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from ssfer_dist.data.manifest import read_manifest  # noqa: E402
+from ssfer_dist.shards.manifest import read_manifest  # noqa: E402
 from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader  # noqa: E402
 from ssfer_dist.train.debugdata import face_images, write_shard_folder  # noqa: E402
 

@@ -42,8 +42,8 @@ from sharding.writer import (
     read_merged_state,
 )
 from ssfer_dist import storage
-from ssfer_dist.data import manifest as mf
-from ssfer_dist.data.schema import REPORT_NAME
+from ssfer_dist.shards import manifest as mf
+from ssfer_dist.shards.schema import REPORT_NAME
 from ssfer_dist.errors import UserError
 from ssfer_dist.worker_env import non_secret_env
 

@@ -134,7 +134,7 @@ def _cmd_build(a) -> int:
 
 
 def _add_member_cap(p) -> None:
-    from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES
+    from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES
 
     p.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
                    help="tar members larger than this are refused, never loaded "

@@ -39,7 +39,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ssfer_dist.data.safeimage import jpeg_header
+from ssfer_dist.shards.safeimage import jpeg_header
 
 __all__ = ["ProcessOptions", "Processed", "SkipSample", "process_image", "crop_square", "to_rgb",
            "pixels_to_image"]

@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from sharding.process import ProcessOptions, SkipSample, pixels_to_image, process_image
 from sharding.sources.base import FaceRecord
 from ssfer_dist import storage
-from ssfer_dist.data.manifest import ShardInfo, class_hist_of
-from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, UNLABELED, encode_cls
+from ssfer_dist.shards.manifest import ShardInfo, class_hist_of
+from ssfer_dist.shards.schema import EXT_CLASS, EXT_IMAGE, EXT_META, UNLABELED, encode_cls
 
 __all__ = ["ShardPlan", "WriterConfig", "build_shard", "load_record", "sidecar_url", "check_done", "sha256_file",
            "open_tar_writer", "publish", "tmp_path_for", "merge_sidecars", "read_merged_state", "STATE_FILE"]

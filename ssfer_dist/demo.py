@@ -245,7 +245,7 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
             log.info("%s: accuracy %.3f", label, m["accuracy"])
     timings["evaluate"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
 
     summary = {
         "facemix_terms": facemix_terms(results["facemix"].run_url),

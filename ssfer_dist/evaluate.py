@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ssfer_dist.data.safeimage import open_image
-from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_url_samples
+from ssfer_dist.shards.safeimage import open_image
+from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_url_samples
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def labeled_samples(shard_urls: Sequence[str], tf, num_classes: int,
     the samples ``i % world == rank`` (``i`` counts the tar samples over all shards; the others are not
     decoded): ranks evaluate disjoint slices that together cover the set. Corrupt or refused samples of the
     slice are skipped and counted in ``counts["corrupt"]``."""
-    from ssfer_dist.data.schema import decode_cls
+    from ssfer_dist.shards.schema import decode_cls
 
     counts = {} if counts is None else counts
     counts.setdefault("corrupt", 0)
@@ -210,7 +210,7 @@ def evaluate_shards(weights: str, shards: str, batch_size: int = 128, use_ray: b
     (see :func:`confusion_metrics`, plus ``weights``, ``shards``, ``num_corrupt``)."""
     import torch
 
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
 
     model, meta = _load_model(weights)
     man = read_manifest(shards, with_index=False)

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ssfer_dist.data.safeimage import open_image
+from ssfer_dist.shards.safeimage import open_image
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -58,8 +58,8 @@ def test_importing_pure_packages_loads_no_ray_or_deepspeed():
 # module of ssfer_dist imports sharding. The demo and the sweep, the applications that drive both, are the
 # exceptions.
 CORE = ("ssfer_dist.errors", "ssfer_dist.storage", "ssfer_dist.typed", "ssfer_dist.detect",
-        "ssfer_dist.data.schema", "ssfer_dist.data.manifest", "ssfer_dist.data.tario", "ssfer_dist.worker_env",
-        "ssfer_dist.data.safeimage")
+        "ssfer_dist.shards.schema", "ssfer_dist.shards.manifest", "ssfer_dist.shards.tario", "ssfer_dist.worker_env",
+        "ssfer_dist.shards.safeimage")
 DRIVES_BOTH = {"ssfer_dist/demo.py", "ssfer_dist/sweep.py"}
 
 

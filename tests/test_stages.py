@@ -15,7 +15,7 @@ from ssfer_dist.models.mae import build_mae
 from ssfer_dist.stages import get_stage, stage_names
 from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.tasks import FaceMixFinetune, LinearProbe, MAEPretrain, SemiSupervised, Task
-from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.plan import LaunchPlan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -35,7 +35,7 @@ def shards_and_weights(tmp_path_factory):
 
 
 def _evaluator(shards, rank=0, world=1, batch=17):
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
     from ssfer_dist.train.evaluation import TrainingEval
 
     man = read_manifest(shards, with_index=False)

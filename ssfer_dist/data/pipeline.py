@@ -29,9 +29,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssfer_dist.data.order import seed_of
-from ssfer_dist.data.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, jpeg_header, open_image
-from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META
-from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
+from ssfer_dist.shards.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, jpeg_header, open_image
+from ssfer_dist.shards.schema import EXT_CLASS, EXT_IMAGE, EXT_META
+from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class _Counter:
 
 
 def guarded_tarfile_to_samples(handler, max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES):
-    """``webdataset.tarfile_to_samples`` with every member checked first (``data/tario.py``): a member with an
+    """``webdataset.tarfile_to_samples`` with every member checked first (``shards/tario.py``): a member with an
     absolute or ``..`` name, a link / non-regular member, or one over ``max_member_bytes`` is never read;
     it is reported to ``handler`` (counted corrupt) and its whole sample dropped (webdataset's ``__bad__``
     marker). webdataset's URL opener and key grouping are kept, so the samples are the same otherwise."""

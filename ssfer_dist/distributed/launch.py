@@ -24,7 +24,7 @@ from ssfer_dist import storage
 from ssfer_dist.config import Config, absolute_paths, derived, load_config, load_pipeline, to_dict
 from ssfer_dist.errors import UserError
 from ssfer_dist.stages import get_stage
-from ssfer_dist.train.plan import LaunchPlan, UnlabeledPlan
+from ssfer_dist.plan import LaunchPlan, UnlabeledPlan
 from ssfer_dist.worker_env import non_secret_env
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _abs_storage(url: str) -> str:
 
 
 def _read_manifest(url: str, key: str):
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
 
     try:
         return read_manifest(url, with_index=False)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ssfer_dist.data.schema import CLASS_NAMES, FACE_MEAN, FACE_STD
+from ssfer_dist.shards.schema import CLASS_NAMES, FACE_MEAN, FACE_STD
 from ssfer_dist.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -298,7 +298,7 @@ def convert_mae_checkpoint(src: str, dst: str, img_size: Optional[int] = None, k
 
     The result is what ``init.weights`` takes: an MAE to continue pretraining or an encoder to fine-tune.
     """
-    from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
+    from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
     from ssfer_dist.models.io import save_weights
 
     if kind not in ("mae", "encoder"):

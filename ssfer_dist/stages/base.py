@@ -6,7 +6,7 @@ streams, its optimizer parameter groups, the metadata of its export, and (option
 loop (``train/loop.py``) and the launcher (``distributed/launch.py``) only call these methods.
 
 Stages receive :class:`StageConfigs` (the sub-configs a stage may read, never the whole ``Config``) and
-the frozen :class:`~ssfer_dist.train.plan.LaunchPlan`.
+the frozen :class:`~ssfer_dist.plan.LaunchPlan`.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from torch import nn
 from ssfer_dist import storage
 from ssfer_dist.config import Config, DataCfg, InitCfg, ModelCfg, OptimCfg, RunCfg, TrainCfg
 from ssfer_dist.data.pipeline import Source, StreamSpec, View
-from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
+from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 from ssfer_dist.errors import UserError
 from ssfer_dist.stages import get_stage
 from ssfer_dist.tasks.base import Task
-from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.plan import LaunchPlan
 
 __all__ = ["Stage", "StageConfigs", "local_weights", "build_classifier_for", "rank_now"]
 

@@ -10,7 +10,7 @@ from ssfer_dist.distributed.engine import engine_dtype
 from ssfer_dist.stages.base import Stage, StageConfigs, build_classifier_for, rank_now
 from ssfer_dist.tasks import FaceMixFinetune
 from ssfer_dist.tasks.base import Task
-from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.plan import LaunchPlan
 
 
 class FaceMixStage(Stage):

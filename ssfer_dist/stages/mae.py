@@ -10,14 +10,14 @@ from torch import nn
 
 from ssfer_dist import storage
 from ssfer_dist.data.pipeline import View
-from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
+from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 from ssfer_dist.distributed.engine import engine_dtype
 from ssfer_dist.errors import UserError
 from ssfer_dist.stages.base import Stage, StageConfigs, Views, local_weights, rank_now
 from ssfer_dist.tasks import MAEPretrain
 from ssfer_dist.tasks.base import Task
 from ssfer_dist.tasks.common import prepare_images
-from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.plan import LaunchPlan
 
 
 PREVIEW_SAMPLES = 8

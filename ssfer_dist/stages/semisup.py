@@ -14,7 +14,7 @@ from ssfer_dist.errors import UserError
 from ssfer_dist.stages.base import Stage, StageConfigs, Views, build_classifier_for
 from ssfer_dist.tasks import SemiSupervised
 from ssfer_dist.tasks.base import Task
-from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.plan import LaunchPlan
 
 # FlexMatch max-reduces one dense int32 vector over the unlabeled set every step (8 MB at 2 M)
 MAX_FLEXMATCH_SAMPLES = 2_000_000
