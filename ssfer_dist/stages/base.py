@@ -98,6 +98,13 @@ class Stage:
     model_ema: bool = False           # train.model_ema: the stage keeps an EMA of the weights (eval_module)
 
     # ---- config and pre-flight
+    def config_problems(self, cfg: Config) -> List[Tuple[str, str]]:
+        """Every stage-dependent problem of ``cfg`` as (key path, message), the first one first."""
+        out = []
+        if cfg.eval.shards and not self.needs_labels:
+            out.append(("eval.shards", f"the {self.name} stage trains no classifier to evaluate"))
+        return out + self.check_config(StageConfigs.of(cfg))
+
     def check_config(self, sub: StageConfigs) -> List[Tuple[str, str]]:
         """Cross-field problems as (key path, message); the config loader raises the first."""
         out = []
