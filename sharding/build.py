@@ -42,9 +42,10 @@ from sharding.writer import (
     read_merged_state,
 )
 from ssfer_dist import storage
+from ssfer_dist.detect import make_detector
+from ssfer_dist.errors import UserError
 from ssfer_dist.shards import manifest as mf
 from ssfer_dist.shards.schema import REPORT_NAME
-from ssfer_dist.errors import UserError
 from ssfer_dist.worker_env import non_secret_env
 
 __all__ = ["BuildConfig", "run_build", "plan_shards"]
@@ -295,8 +296,6 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
         raise UserError(f"{cfg.input}: no usable samples for --split {cfg.split} "
                         f"({len(skipped_listing)} skipped while listing)")
     if cfg.detector != "none":
-        from ssfer_dist.detect import make_detector
-
         make_detector(cfg.detector)  # fail fast (missing package) before any work
     storage.check_writable(cfg.output)
     popts = ProcessOptions(image_size=cfg.image_size, jpeg_quality=cfg.jpeg_quality, box_scale=cfg.box_scale,
