@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import yaml
 
-from sharding.build import BuildConfig, run_build
+from sharding import build
+from sharding.build import BuildConfig
 from sharding.inspection import inspect_shards
 from sharding.sources import FORMATS
 from sharding.split import split_shards
@@ -117,7 +118,7 @@ def _cmd_build(a) -> int:
 
     if cfg.format not in FORMATS:
         raise UserError(f"format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
-    rep = run_build(cfg)
+    rep = build.run_build(cfg)
     fallback = f"; {rep['fallback_boxes']} kept without a detected face (fallback boxes)" \
         if cfg.detector != "none" else ""
     print(f"{rep['num_samples']} samples in {rep['num_shards']} shards -> {cfg.output} "
