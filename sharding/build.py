@@ -174,8 +174,8 @@ def _run_inprocess(plans, wcfg, bar, on_result):
 def _pool_context():
     """``fork`` on Linux when no other Python thread runs; else ``spawn``.
 
-    A forked worker is ready in milliseconds where a spawned one re-imports for ~0.1 s, which on a
-    small build costs more than the second worker gains. The pool starts before listing, while the
+    A forked worker starts from the parent's memory where a spawned one re-imports every module, which on
+    a small build costs more than the second worker gains. The pool starts before listing, while the
     process is small. Python threads can hold locks a forked child would inherit (logging, boto3's
     pools), so any running one means ``spawn``. Native thread pools (OpenBLAS starts one when numpy
     is imported, OpenMP) are not counted: they re-initialise at fork and the workers do no BLAS or

@@ -22,7 +22,7 @@ Two writers:
   has the same class structure as the labeled one but no labels (what semi-supervised learning uses).
 
 Pure numpy + PIL, deterministic given a seed (each image has its own generator derived from
-``(seed, stream, index)``), and fast (~1 ms per 100 px face).
+``(seed, stream, index)``), and cheap enough to draw a demo set on the fly.
 """
 from __future__ import annotations
 
