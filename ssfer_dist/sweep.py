@@ -122,7 +122,7 @@ def cell_name(f: float, k: int, model: str) -> str:
 
 def _stage_config(sw: SweepCfg, m: SweepModel, f: float, k: int, split: str, exports: Dict[str, str]):
     from ssfer_dist.config import to_dict
-    from ssfer_dist.stages import load_stage_config
+    from ssfer_dist.stages import check_stage_config, load_stage_config
 
     ov = list(m.overrides) + [f"run.storage={storage.join(sw.storage, sw.name, 'runs')}",
                               f"run.name={sw.name}-{cell_name(f, k, m.name)}",
@@ -136,7 +136,7 @@ def _stage_config(sw: SweepCfg, m: SweepModel, f: float, k: int, split: str, exp
         d = to_dict(cfg)
         d["data"]["unlabeled"] = [{"shards": storage.join(split, "unlabeled"), "weight": sw.data.remainder_weight}] + \
             list(d["data"].get("unlabeled") or [])
-        cfg = from_dict(d)
+        cfg = check_stage_config(from_dict(d), m.config)
     return cfg
 
 
