@@ -42,9 +42,10 @@ from sharding.writer import (
     read_merged_state,
 )
 from ssfer_dist import storage
-from ssfer_dist.data import manifest as mf
-from ssfer_dist.data.schema import REPORT_NAME
+from ssfer_dist.detect import make_detector
 from ssfer_dist.errors import UserError
+from ssfer_dist.shards import manifest as mf
+from ssfer_dist.shards.schema import REPORT_NAME
 from ssfer_dist.worker_env import non_secret_env
 
 __all__ = ["BuildConfig", "run_build", "plan_shards"]
@@ -173,8 +174,8 @@ def _run_inprocess(plans, wcfg, bar, on_result):
 def _pool_context():
     """``fork`` on Linux when no other Python thread runs; else ``spawn``.
 
-    A forked worker is ready in milliseconds where a spawned one re-imports for ~0.1 s, which on a
-    small build costs more than the second worker gains. The pool starts before listing, while the
+    A forked worker starts from the parent's memory where a spawned one re-imports every module, which on
+    a small build costs more than the second worker gains. The pool starts before listing, while the
     process is small. Python threads can hold locks a forked child would inherit (logging, boto3's
     pools), so any running one means ``spawn``. Native thread pools (OpenBLAS starts one when numpy
     is imported, OpenMP) are not counted: they re-initialise at fork and the workers do no BLAS or
@@ -295,8 +296,6 @@ def _build_all(cfg: BuildConfig, pool, use_ray: bool, executor_hook):
         raise UserError(f"{cfg.input}: no usable samples for --split {cfg.split} "
                         f"({len(skipped_listing)} skipped while listing)")
     if cfg.detector != "none":
-        from ssfer_dist.detect import make_detector
-
         make_detector(cfg.detector)  # fail fast (missing package) before any work
     storage.check_writable(cfg.output)
     popts = ProcessOptions(image_size=cfg.image_size, jpeg_quality=cfg.jpeg_quality, box_scale=cfg.box_scale,

@@ -6,27 +6,33 @@ stderr and exit code 2; ``verify`` exits 1 when it finds problems.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from typing import List, Optional
 
+import yaml
+
+from sharding import build
+from sharding.build import BuildConfig
+from sharding.inspection import inspect_shards
+from sharding.sources import FORMATS
+from sharding.split import split_shards
+from sharding.verify import verify
 from ssfer_dist.errors import UserError, run_command
+from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES
+from ssfer_dist.typed import ConfigError, convert_fields
 
 __all__ = ["main", "build_parser"]
 
 
 def _default(field: str):
     """A ``BuildConfig`` field's default (help texts only: unset flags stay None and BuildConfig applies it)."""
-    import dataclasses
-
-    from sharding.build import BuildConfig
-
     return {f.name: f.default for f in dataclasses.fields(BuildConfig)}[field]
 
 
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
-    import os
-
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -34,8 +40,6 @@ def usable_cpus() -> int:
 
 
 def _add_build(sub) -> None:
-    from sharding.sources import FORMATS
-
     d = _default
     p = sub.add_parser("build", help="turn a dataset into WebDataset shards + manifest.parquet + report.json")
     p.add_argument("--spec", default=None, help="YAML file with the same fields (flags given here override it)")
@@ -82,11 +86,6 @@ def _add_build(sub) -> None:
 def _load_spec(path: str) -> dict:
     """The ``--spec`` YAML: a mapping of ``BuildConfig`` fields (``image-size`` or ``image_size``; null = the
     default), type-checked by the same loader as the run config (``ssfer_dist.typed``)."""
-    import yaml
-
-    from sharding.build import BuildConfig
-    from ssfer_dist.typed import ConfigError, convert_fields
-
     try:
         with open(path, encoding="utf-8") as f:
             spec = yaml.safe_load(f) or {}
@@ -103,10 +102,6 @@ def _load_spec(path: str) -> dict:
 
 
 def _cmd_build(a) -> int:
-    import dataclasses
-
-    from sharding.build import BuildConfig, run_build
-
     merged = _load_spec(a.spec) if a.spec else {}
     flags = {f.name for f in dataclasses.fields(BuildConfig)} - {"progress"}
     merged.update({k: getattr(a, k) for k in flags if getattr(a, k) is not None})
@@ -120,11 +115,10 @@ def _cmd_build(a) -> int:
     elif merged["workers"] < 1:
         raise UserError(f"--workers {merged['workers']}: must be at least 1")
     cfg = BuildConfig(**merged)
-    from sharding.sources import FORMATS
 
     if cfg.format not in FORMATS:
         raise UserError(f"format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
-    rep = run_build(cfg)
+    rep = build.run_build(cfg)
     fallback = f"; {rep['fallback_boxes']} kept without a detected face (fallback boxes)" \
         if cfg.detector != "none" else ""
     print(f"{rep['num_samples']} samples in {rep['num_shards']} shards -> {cfg.output} "
@@ -134,8 +128,6 @@ def _cmd_build(a) -> int:
 
 
 def _add_member_cap(p) -> None:
-    from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES
-
     p.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
                    help="tar members larger than this are refused, never loaded "
                         f"(default {DEFAULT_MAX_MEMBER_BYTES}; a stored face image is a few kB)")
@@ -149,8 +141,6 @@ def _add_verify(sub) -> None:
 
 
 def _cmd_verify(a) -> int:
-    from sharding.verify import verify
-
     problems, stats = verify(a.url, max_member_bytes=a.max_member_bytes)
     for pr in problems:
         print(pr)
@@ -170,8 +160,6 @@ def _add_inspect(sub) -> None:
 
 
 def _cmd_inspect(a) -> int:
-    from sharding.inspection import inspect_shards
-
     print(inspect_shards(a.url, sheet=a.sheet, num=a.num, max_member_bytes=a.max_member_bytes))
     return 0
 
@@ -189,8 +177,6 @@ def _add_split(sub) -> None:
 
 
 def _cmd_split(a) -> int:
-    from sharding.split import split_shards
-
     res = split_shards(a.manifest, a.output, fraction=a.fraction, per_class=a.per_class, seed=a.seed,
                        samples_per_shard=a.samples_per_shard, max_member_bytes=a.max_member_bytes)
     print(f"labeled: {res['labeled']} samples, unlabeled: {res['unlabeled']} samples -> {a.output}")

@@ -12,10 +12,10 @@ from typing import List, Optional, Tuple
 from PIL import Image, ImageDraw
 
 from ssfer_dist import storage
-from ssfer_dist.data.manifest import read_manifest
-from ssfer_dist.data.schema import EXT_IMAGE, EXT_META, SampleMeta
-from ssfer_dist.data.safeimage import open_image
-from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
+from ssfer_dist.shards.manifest import read_manifest
+from ssfer_dist.shards.schema import EXT_IMAGE, EXT_META, SampleMeta
+from ssfer_dist.shards.safeimage import open_image
+from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
 
 __all__ = ["inspect_shards", "contact_sheet", "summary"]
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def summary(m) -> str:
-    """Human-readable summary of a :class:`~ssfer_dist.data.manifest.Manifest`."""
+    """Human-readable summary of a :class:`~ssfer_dist.shards.manifest.Manifest`."""
     lines = [f"{m.url}: dataset {m.dataset!r}, role {m.role}, image size {m.image_size}",
              f"  shards: {len(m.shards)}   samples: {m.num_samples}   bytes: {m.num_bytes} "
              f"({m.num_bytes / max(1, m.num_samples):.0f} per sample)"]

@@ -39,7 +39,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ssfer_dist.data.safeimage import jpeg_header
+from ssfer_dist.detect import fallback_box
+from ssfer_dist.shards.safeimage import jpeg_header
 
 __all__ = ["ProcessOptions", "Processed", "SkipSample", "process_image", "crop_square", "to_rgb",
            "pixels_to_image"]
@@ -227,8 +228,6 @@ def process_image(data: Union[bytes, Image.Image], box: Optional[Box4], box_sour
     except Exception as e:
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     if box_source == "detect":
-        from ssfer_dist.detect import fallback_box
-
         faces = detector.detect(np.asarray(rgb))
         if faces:
             box, box_source = tuple(float(v) for v in faces[0][:4]), detector.kind

@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Set
 
 from sharding.writer import open_tar_writer, publish, tmp_path_for
 from ssfer_dist import storage
-from ssfer_dist.data.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
-from ssfer_dist.data.schema import EXT_CLASS, decode_cls
-from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
+from ssfer_dist.shards.manifest import ShardInfo, class_hist_of, read_manifest, write_manifest
+from ssfer_dist.shards.schema import EXT_CLASS, decode_cls
+from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
 from ssfer_dist.errors import UserError
 
 __all__ = ["split_shards", "choose_labeled"]

@@ -14,10 +14,10 @@ import tarfile
 from typing import Any, Dict, List, Tuple
 
 from ssfer_dist import storage
-from ssfer_dist.data.manifest import class_hist_of, read_manifest
-from ssfer_dist.data.safeimage import open_image
-from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, SampleMeta, decode_cls
-from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
+from ssfer_dist.shards.manifest import class_hist_of, read_manifest
+from ssfer_dist.shards.safeimage import open_image
+from ssfer_dist.shards.schema import EXT_CLASS, EXT_IMAGE, EXT_META, SampleMeta, decode_cls
+from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_tar_samples
 
 __all__ = ["verify"]
 

@@ -29,9 +29,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from sharding.process import ProcessOptions, SkipSample, pixels_to_image, process_image
 from sharding.sources.base import FaceRecord
+from sharding.sources.insightface import RecError, read_record, record_class, unpack_payload
 from ssfer_dist import storage
-from ssfer_dist.data.manifest import ShardInfo, class_hist_of
-from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META, UNLABELED, encode_cls
+from ssfer_dist.detect import make_detector
+from ssfer_dist.shards.manifest import ShardInfo, class_hist_of
+from ssfer_dist.shards.schema import EXT_CLASS, EXT_IMAGE, EXT_META, UNLABELED, encode_cls
 
 __all__ = ["ShardPlan", "WriterConfig", "build_shard", "load_record", "sidecar_url", "check_done", "sha256_file",
            "open_tar_writer", "publish", "tmp_path_for", "merge_sidecars", "read_merged_state", "STATE_FILE"]
@@ -246,8 +248,6 @@ def load_record(rec: FaceRecord, handles: Optional[_Handles] = None) -> Tuple[An
         except OSError as e:
             raise SkipSample("unreadable_file", f"{rec.load[1]}: {e.strerror or e}") from None
     if kind == "rec":
-        from sharding.sources.insightface import RecError, read_record, record_class, unpack_payload
-
         path, offset = rec.load[1], rec.load[2]
         f = handles.get(path) if handles else open(path, "rb")
         try:
@@ -318,8 +318,6 @@ def _detector(kind: str):
     if kind == "none":
         return None
     if kind not in _DETECTORS:
-        from ssfer_dist.detect import make_detector
-
         _DETECTORS[kind] = make_detector(kind)
     return _DETECTORS[kind]
 

@@ -135,6 +135,7 @@ def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str
 def stage_configs(plan: DemoPlan, urls: Dict[str, str], runs: str, seed: int, num_workers: int) -> Dict[str, Any]:
     """The five run configs (``ssfer_dist.config.Config``), built in code from the typed tree."""
     from ssfer_dist.config import from_dict
+    from ssfer_dist.stages import check_stage_config
 
     b = plan.batch_per_rank
     common = {
@@ -151,7 +152,7 @@ def stage_configs(plan: DemoPlan, urls: Dict[str, str], runs: str, seed: int, nu
         d["run"] = {"name": f"demo-s{seed}-{name}", "storage": runs, "seed": seed}
         for k, v in sections.items():
             d[k] = {**d.get(k, {}), **v}
-        return from_dict(d, source=f"demo:{name}")
+        return check_stage_config(from_dict(d, source=f"demo:{name}"), f"demo:{name}")
 
     pre = cfg("pretrain",
               model={"mask_ratio": 0.75, "decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2},
@@ -245,7 +246,7 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
             log.info("%s: accuracy %.3f", label, m["accuracy"])
     timings["evaluate"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
 
     summary = {
         "facemix_terms": facemix_terms(results["facemix"].run_url),

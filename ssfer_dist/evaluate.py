@@ -19,9 +19,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ssfer_dist.data.safeimage import open_image
-from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_url_samples
 from ssfer_dist.errors import UserError
+from ssfer_dist.shards.manifest import read_manifest
+from ssfer_dist.shards.safeimage import open_image
+from ssfer_dist.shards.schema import decode_cls
+from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES, MemberProblem, iter_url_samples
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def confusion_png(conf: np.ndarray, class_names: Sequence[str], path: str, title
 # ----------------------------------------------------------------------------- reading shards
 
 def _load_model(weights: str):
-    from ssfer_dist.models.io import classifier_from_weights, load_weights
+    from ssfer_dist.models.io import classifier_from_weights, load_weights   # torch: imported on first use
 
     _, meta = load_weights(weights)
     if meta.get("kind") != "classifier":
@@ -174,7 +176,6 @@ def labeled_samples(shard_urls: Sequence[str], tf, num_classes: int,
     the samples ``i % world == rank`` (``i`` counts the tar samples over all shards; the others are not
     decoded): ranks evaluate disjoint slices that together cover the set. Corrupt or refused samples of the
     slice are skipped and counted in ``counts["corrupt"]``."""
-    from ssfer_dist.data.schema import decode_cls
 
     counts = {} if counts is None else counts
     counts.setdefault("corrupt", 0)
@@ -209,8 +210,6 @@ def evaluate_shards(weights: str, shards: str, batch_size: int = 128, use_ray: b
     """Evaluate classifier ``weights`` on the labeled shard folder ``shards`` -> metrics dict
     (see :func:`confusion_metrics`, plus ``weights``, ``shards``, ``num_corrupt``)."""
     import torch
-
-    from ssfer_dist.data.manifest import read_manifest
 
     model, meta = _load_model(weights)
     man = read_manifest(shards, with_index=False)

@@ -15,6 +15,7 @@ import os
 from typing import Any, Dict, Optional
 
 from ssfer_dist.errors import UserError
+from ssfer_dist.evaluate import _load_model
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ def export_weights(weights: str, fmt: str, out: Optional[str] = None) -> str:
     """Export classifier ``weights`` to ``fmt``; returns the written path (written atomically)."""
     import torch
 
-    from ssfer_dist.evaluate import _load_model
     from ssfer_dist.models.io import save_weights
 
     if fmt not in FORMATS:

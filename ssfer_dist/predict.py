@@ -22,8 +22,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ssfer_dist.data.safeimage import open_image
+from ssfer_dist.detect import make_detector
 from ssfer_dist.errors import UserError
+from ssfer_dist.evaluate import _load_model
+from ssfer_dist.shards.safeimage import open_image
+from ssfer_dist.synth import is_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +64,12 @@ class Predictor:
     """A classifier plus a detector: ``predict(PIL image) -> [(box, probabilities)]``."""
 
     def __init__(self, weights: str, detector: str = "haar", margin: float = 0.2):
-        from ssfer_dist.detect import make_detector
-        from ssfer_dist.evaluate import _load_model
-
         self.model, self.meta = _load_model(weights)
         self.class_names = list(self.meta.get("class_names") or [])
         nc = int(self.meta["arch"]["num_classes"])
         if len(self.class_names) != nc:
             self.class_names = [f"class_{i}" for i in range(nc)]
         self.img_size = int(self.meta["arch"]["img_size"])
-        from ssfer_dist.synth import is_synthetic
 
         synthetic = [d for d in self.meta.get("trained_on", []) if is_synthetic(d)]
         if synthetic:

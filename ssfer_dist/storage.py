@@ -18,11 +18,13 @@ import functools
 import io
 import logging
 import os
+import random
+import re
 import shutil
 import tempfile
 import threading
 import time
-from typing import IO, Callable, Dict, Iterator, List, Tuple, TypeVar
+from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 from ssfer_dist.errors import UserError
 
@@ -44,6 +46,11 @@ __all__ = [
     "list_sizes",
     "delete_tree",
     "set_retry_budget",
+    "retry",
+    "is_transient",
+    "s3_code",
+    "TRANSIENT_S3_CODES",
+    "PERMANENT_S3_CODES",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,44 +81,93 @@ def _retry_budget() -> float:
         return DEFAULT_RETRY_S
 
 
-_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
-                    "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                    "BadGateway", "GatewayTimeout"}
+# S3 error codes as botocore reports them (``response["Error"]["Code"]``). Arrow's S3 filesystem raises an
+# OSError whose text names the same error in the C++ SDK's spelling (``AWS Error SLOW_DOWN``, ``HTTP status 503``);
+# :func:`s3_code` reads both, so one table serves boto3, arrowfs and the fault classifier.
+TRANSIENT_S3_CODES = frozenset({
+    "500", "502", "503", "504", "InternalError", "InternalFailure", "ServiceUnavailable", "SlowDown",
+    "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "BadGateway", "GatewayTimeout", "NetworkConnection"})
+PERMANENT_S3_CODES = frozenset({
+    "NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId",
+    "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidBucketName", "EntityTooLarge", "QuotaExceeded"})
+# connection trouble that arrives as text only (curl's words inside Arrow's OSError)
+_TRANSIENT_TEXT = ("curlCode", "Connection reset", "Connection refused", "connection was closed",
+                   "Timeout was reached")
+_SDK_NAMES = {(f"HTTP status {c}" if c.isdigit() else re.sub(r"(?<!^)(?=[A-Z])", "_", c).upper()): c
+              for c in TRANSIENT_S3_CODES | PERMANENT_S3_CODES}
+_SDK_RE = re.compile(r"\b(%s)\b" % "|".join(sorted(map(re.escape, _SDK_NAMES), key=len, reverse=True)))
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 8.0
 
 
-def _is_transient(e: BaseException) -> bool:
-    """A fault that may go away by itself: connection trouble, timeouts, 5xx, throttling."""
+def s3_code(e: BaseException) -> Optional[str]:
+    """The S3 error code of ``e`` (botocore's response, a :class:`StorageError`'s ``s3_code``, or the SDK
+    error an Arrow ``OSError`` names), else ``None``."""
     resp = getattr(e, "response", None)
     if isinstance(resp, dict):
-        return str(resp.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
+        return str(resp.get("Error", {}).get("Code", "")) or None
+    code = getattr(e, "s3_code", None)
+    if code or not isinstance(e, OSError) or "AWS Error" not in str(e):
+        return code
+    found = _SDK_RE.findall(str(e))
+    permanent = [_SDK_NAMES[f] for f in found if _SDK_NAMES[f] in PERMANENT_S3_CODES]
+    return (permanent or [_SDK_NAMES[f] for f in found] or [None])[0]
+
+
+def _connection_errors() -> Tuple[type, ...]:
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
         from urllib3.exceptions import HTTPError as Urllib3Error
     except ImportError:  # pragma: no cover
-        return isinstance(e, (ConnectionError, TimeoutError))
-    return isinstance(e, (BotoConnectionError, HTTPClientError, ResponseStreamingError, IncompleteReadError,
-                          Urllib3Error, ConnectionError, TimeoutError))
+        return ConnectionError, TimeoutError
+    return (BotoConnectionError, HTTPClientError, ResponseStreamingError, IncompleteReadError, Urllib3Error,
+            ConnectionError, TimeoutError)
 
 
-def _retrying(url: str, fn: Callable[[], T]) -> T:
-    """``fn()``, retried with exponential backoff while it fails transiently and the budget lasts;
-    any failure left is raised as a one-line :class:`StorageError` naming ``url``."""
-    deadline = time.monotonic() + _retry_budget()
-    delay = 0.5
-    attempt = 0
+def is_transient(e: BaseException) -> bool:
+    """A fault that may go away by itself: connection trouble, timeouts, 5xx, throttling. A missing key,
+    denied access or a local file error is permanent."""
+    if isinstance(e, (StorageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    code = s3_code(e)
+    if code is not None:
+        return code in TRANSIENT_S3_CODES
+    if isinstance(e, _connection_errors()):
+        return True
+    return isinstance(e, OSError) and any(m in str(e) for m in _TRANSIENT_TEXT)
+
+
+def retry(what: str, fn: Callable[[], T], budget_s: Optional[float] = None, *,
+          give_up: Optional[Callable[[Exception, int], Exception]] = None,
+          sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, retried while it fails transiently (:func:`is_transient`) and ``budget_s`` lasts (default: the
+    storage retry budget, ``run.storage_retry_s``); the backoff doubles from 0.5 s to 8 s, jittered so that
+    ranks hitting one endpoint spread out. A failure that ends the retries is raised as ``give_up(error,
+    attempts)`` (from the error) when given, else as itself."""
+    deadline = time.monotonic() + (_retry_budget() if budget_s is None else budget_s)
+    delay, attempt = RETRY_FIRST_S, 1
     while True:
         try:
             return fn()
-        except StorageError:
-            raise
         except Exception as e:
+            if not is_transient(e) or time.monotonic() + delay > deadline:
+                err = e if give_up is None else give_up(e, attempt)
+                if err is e:
+                    if attempt > 1:
+                        log.warning("storage: %s failed after %d attempts", what, attempt)
+                    raise
+                raise err from e
+            log.warning("storage: %s failed (%s); retry %d in %.1f s", what, _first_line(e)[:200], attempt, delay)
+            sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, RETRY_MAX_S)
             attempt += 1
-            if not _is_transient(e) or time.monotonic() + delay > deadline:
-                raise _s3_error(url, e, attempt) from e
-            log.warning("%s: %s — retry %d in %.1f s", url, _first_line(e), attempt, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+
+
+def _retrying(url: str, fn: Callable[[], T]) -> T:
+    """:func:`retry` for one URL: a failure left is raised as a one-line :class:`StorageError` naming ``url``."""
+    return retry(url, fn, give_up=lambda e, n: e if isinstance(e, StorageError) else _s3_error(url, e, n))
 
 
 def is_s3(url: str) -> bool:
@@ -179,9 +235,7 @@ def _s3_error(url: str, exc: Exception, attempts: int = 1) -> StorageError:
     if attempts > 1:
         msg += f" (after {attempts} attempts, run.storage_retry_s={_retry_budget():g})"
     err = StorageError(f"{url}: {msg}")
-    resp = getattr(exc, "response", None)
-    if isinstance(resp, dict):
-        err.s3_code = str(resp.get("Error", {}).get("Code", "")) or None
+    err.s3_code = s3_code(exc)
     return err
 
 
@@ -207,9 +261,6 @@ def exists(url: str) -> bool:
 def list_files(url: str) -> List[str]:
     """All object names (relative to ``url``) under a prefix / directory, recursively, sorted."""
     if is_s3(url):
-        bucket, prefix = parse_s3(url)
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
         return sorted(list_sizes(url))
     if not os.path.isdir(url):
         return []
@@ -419,8 +470,8 @@ def check_writable(url: str) -> None:
 def register_webdataset_s3() -> None:
     """Register an ``s3://`` opener with ``webdataset.gopen_schemes`` (boto3 streaming GET).
 
-    webdataset 1.0.x only knows pipe:/http(s)/file; this makes ``WebDataset("s3://b/x.tar")`` work
-    with the same credentials/endpoint as the rest of the system. Idempotent.
+    webdataset opens s3:// URLs through a ``pipe:`` to the AWS CLI; this opener makes ``WebDataset("s3://b/x.tar")``
+    use boto3 instead, with the same credentials, endpoint and retries as the rest of the system. Idempotent.
     """
     import webdataset
 
@@ -447,36 +498,29 @@ class _ResumingS3Stream(io.RawIOBase):
         self._bucket, self._key = parse_s3(url)
         self._pos = 0
         self._body = None
-        self._open()
+        _retrying(url, self._open)
 
     def _open(self) -> None:
-        def get():
-            kw = {"Range": f"bytes={self._pos}-"} if self._pos else {}
-            return s3_client().get_object(Bucket=self._bucket, Key=self._key, **kw)["Body"]
+        kw = {"Range": f"bytes={self._pos}-"} if self._pos else {}
+        self._body = s3_client().get_object(Bucket=self._bucket, Key=self._key, **kw)["Body"]
 
-        self._body = _retrying(self.url, get)
+    def _read(self, n: int) -> bytes:
+        """One attempt: (re)open from the byte reached when the last attempt lost the stream, then read."""
+        if self._body is None:
+            self._open()
+        try:
+            return self._body.read(n)
+        except Exception:
+            body, self._body = self._body, None
+            with contextlib.suppress(Exception):
+                body.close()
+            raise
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        deadline = time.monotonic() + _retry_budget()
-        delay = 0.5
-        while True:
-            try:
-                data = self._body.read(len(b))
-                break
-            except Exception as e:
-                if not _is_transient(e) or time.monotonic() + delay > deadline:
-                    raise _s3_error(self.url, e) from e
-                log.warning("%s: %s at byte %d — resuming in %.1f s", self.url, _first_line(e), self._pos, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                try:
-                    self._body.close()
-                except Exception:
-                    pass
-                self._open()
+        data = _retrying(self.url, lambda: self._read(len(b)))
         n = len(data)
         b[:n] = data
         self._pos += n

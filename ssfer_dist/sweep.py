@@ -121,21 +121,22 @@ def cell_name(f: float, k: int, model: str) -> str:
 
 
 def _stage_config(sw: SweepCfg, m: SweepModel, f: float, k: int, split: str, exports: Dict[str, str]):
-    from ssfer_dist.config import load_config, to_dict
+    from ssfer_dist.config import to_dict
+    from ssfer_dist.stages import check_stage_config, load_stage_config
 
     ov = list(m.overrides) + [f"run.storage={storage.join(sw.storage, sw.name, 'runs')}",
                               f"run.name={sw.name}-{cell_name(f, k, m.name)}",
                               f"data.shards={storage.join(split, 'labeled')}", f"run.seed={sw.seed + k}"]
     if m.init_from is not None:
         ov.append(f"init.weights={exports[m.init_from]}")
-    cfg = load_config(m.config, ov)
+    cfg = load_stage_config(m.config, ov)
     if cfg.train.stage == "semisup":                  # the split's remainder first, then the model's own sources
         from ssfer_dist.config import from_dict
 
         d = to_dict(cfg)
         d["data"]["unlabeled"] = [{"shards": storage.join(split, "unlabeled"), "weight": sw.data.remainder_weight}] + \
             list(d["data"].get("unlabeled") or [])
-        cfg = from_dict(d)
+        cfg = check_stage_config(from_dict(d), m.config)
     return cfg
 
 

@@ -1,7 +1,7 @@
 """Procedural synthetic faces for the demo and tests: expressions drawn with brows, eyes and mouth.
 
 Every face is drawn from a handful of geometric parameters. The 7 canonical classes (see
-``ssfer_dist.data.schema.CLASS_NAMES``) differ in brow height/slant, eye opening and mouth shape;
+``ssfer_dist.shards.schema.CLASS_NAMES``) differ in brow height/slant, eye opening and mouth shape;
 ``intensity`` scales how far an expression departs from neutral (low intensity = hard samples), and
 per-face jitter blurs the class boundaries. Nuisance variation: skin, hair and background colour,
 in-plane rotation, scale, position, background clutter, brightness and pixel noise.
@@ -22,7 +22,7 @@ Two writers:
   has the same class structure as the labeled one but no labels (what semi-supervised learning uses).
 
 Pure numpy + PIL, deterministic given a seed (each image has its own generator derived from
-``(seed, stream, index)``), and fast (~1 ms per 100 px face).
+``(seed, stream, index)``), and cheap enough to draw a demo set on the fly.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ssfer_dist.data.schema import CLASS_NAMES, NUM_CLASSES_7, RAFDB_TO_CANONICAL
+from ssfer_dist.shards.schema import CLASS_NAMES, NUM_CLASSES_7, RAFDB_TO_CANONICAL
 
 __all__ = [
     "SynthConfig",

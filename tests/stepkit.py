@@ -12,7 +12,7 @@ from ssfer_dist.config import load_config
 from ssfer_dist.distributed.engine import build_optimizer
 from ssfer_dist.stages import get_stage
 from ssfer_dist.stages.base import StageConfigs
-from ssfer_dist.train.plan import LaunchPlan, UnlabeledPlan
+from ssfer_dist.plan import LaunchPlan, UnlabeledPlan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = {"mae": "debug_cpu_pretrain.yaml", "facemix": "debug_cpu_finetune.yaml", "semisup": "debug_cpu_semisup.yaml"}

@@ -9,17 +9,18 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
-from ssfer_dist.distributed import arrowfs
+from ssfer_dist import storage
 from tests.privateweed import PrivateWeed
 
 
 def test_transient_and_permanent_faults_are_told_apart():
-    assert arrowfs.is_transient(OSError("AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: "
-                                        "curlCode: 7, Could not connect to server"))
-    assert arrowfs.is_transient(OSError("AWS Error SLOW_DOWN during PutObject operation"))
-    assert not arrowfs.is_transient(OSError("AWS Error ACCESS_DENIED during PutObject operation"))
-    assert not arrowfs.is_transient(FileNotFoundError("Path does not exist 'b/k'"))
-    assert not arrowfs.is_transient(ValueError("curlCode"))
+    is_transient = storage.is_transient
+    assert is_transient(OSError("AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: "
+                                 "curlCode: 7, Could not connect to server"))
+    assert is_transient(OSError("AWS Error SLOW_DOWN during PutObject operation"))
+    assert not is_transient(OSError("AWS Error ACCESS_DENIED during PutObject operation"))
+    assert not is_transient(FileNotFoundError("Path does not exist 'b/k'"))
+    assert not is_transient(ValueError("curlCode"))
 
 
 def test_retry_gives_up_when_the_budget_is_spent():
@@ -31,7 +32,7 @@ def test_retry_gives_up_when_the_budget_is_spent():
 
     t0 = time.monotonic()
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
-        arrowfs.retry("read k", down, budget_s=2.0)
+        storage.retry("read k", down, budget_s=2.0)
     assert 1 < len(calls) <= 4 and time.monotonic() - t0 < 5
 
 
@@ -73,3 +74,16 @@ def test_a_write_during_an_outage_lands_once_the_server_is_back(tmp_path, monkey
         assert time.monotonic() - t0 < 10
     finally:
         weed.stop()
+
+
+def test_one_table_of_s3_codes_reads_botocore_and_arrow_errors():
+    from botocore.exceptions import ClientError
+
+    assert storage.TRANSIENT_S3_CODES.isdisjoint(storage.PERMANENT_S3_CODES)
+    slow = ClientError({"Error": {"Code": "SlowDown"}}, "GetObject")
+    denied = ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject")
+    assert storage.s3_code(slow) == "SlowDown" and storage.is_transient(slow)
+    assert storage.s3_code(denied) == "AccessDenied" and not storage.is_transient(denied)
+    assert storage.s3_code(OSError("key 'k': AWS Error ACCESS_DENIED during HeadObject operation")) == "AccessDenied"
+    assert storage.s3_code(OSError("AWS Error UNKNOWN (HTTP status 503) during GetObject operation")) == "503"
+    assert storage.s3_code(OSError("[Errno 28] No space left on device")) is None

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ssfer_dist.config import ConfigError, apply_overrides, derived, from_dict, load_config, load_pipeline, to_dict
-from ssfer_dist.stages import stage_names
+from ssfer_dist.stages import load_stage_config, stage_names
 from ssfer_dist.train.schedule import warmup_cosine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_bad_values_name_the_key_path(tmp_path, data, needle):
         merged[k] = {**merged[k], **v} if isinstance(v, dict) else v
     path = _write(tmp_path, merged)
     with pytest.raises(ConfigError) as e:
-        load_config(path)
+        load_stage_config(path)
     msg = str(e.value)
     assert msg.startswith(path + ": "), msg
     assert needle in msg, msg
@@ -149,14 +149,14 @@ def test_shipped_configs_validate(path):
 
         sw = load_sweep(path)
         for m in sw.models:
-            assert load_config(m.config, m.overrides).train.stage in ("facemix", "semisup")
+            assert load_stage_config(m.config, m.overrides).train.stage in ("facemix", "semisup")
     elif "pretrain" in data:
         p = load_pipeline(path)
         for name in ("pretrain", "finetune", "semisup"):
             assert os.path.exists(getattr(p, name).config), getattr(p, name).config
-            load_config(getattr(p, name).config)
+            load_stage_config(getattr(p, name).config)
     else:
-        cfg = load_config(path)
+        cfg = load_stage_config(path)
         assert cfg.train.stage in stage_names()
 
 
@@ -170,3 +170,14 @@ def test_warmup_cosine_is_a_pure_function_of_step():
     assert warmup_cosine(total, total, peak, warm, 1e-5) == pytest.approx(1e-5)
     mid = warm + (total - warm) // 2
     assert lrs[mid] == pytest.approx(1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_core_config_checks_shared_keys_and_the_registry_checks_the_stage():
+    from ssfer_dist.stages import check_stage_config
+
+    cfg = from_dict({"data": {"shards": "/x"}, "train": {"stage": "probe"}}, source="c.yaml")
+    with pytest.raises(ConfigError, match=r"^c\.yaml: train\.stage: unknown stage 'probe' \(expected one of: mae"):
+        check_stage_config(cfg, "c.yaml")
+    mae = from_dict({"data": {"shards": "/x"}, "eval": {"shards": "/e"}})
+    with pytest.raises(ConfigError, match=r"eval\.shards: the mae stage trains no classifier"):
+        check_stage_config(mae)

@@ -16,7 +16,7 @@ from ssfer_dist.data.device_aug import (
     place_views,
     sample_crops,
 )
-from ssfer_dist.data.manifest import read_manifest
+from ssfer_dist.shards.manifest import read_manifest
 from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, draft_decoded_size, make_loader
 from ssfer_dist.data.transforms import crop_box, flip_box
 from ssfer_dist.train.debugdata import face_images, write_debug_shards, write_shard_folder
@@ -339,7 +339,7 @@ def test_fast_decode_caps_the_header_pixels_like_pil_open():
     import io
 
     from ssfer_dist.data.pipeline import decode_hwc, jpeg_frame_size
-    from ssfer_dist.data.safeimage import ImageTooLarge
+    from ssfer_dist.shards.safeimage import ImageTooLarge
 
     buf = io.BytesIO()
     Image.new("RGB", (37, 61), (1, 2, 3)).save(buf, format="JPEG", progressive=True)

@@ -17,7 +17,7 @@ import torch
 
 from ssfer_dist import storage
 from ssfer_dist.config import load_config
-from ssfer_dist.data.manifest import read_manifest
+from ssfer_dist.shards.manifest import read_manifest
 from ssfer_dist.errors import UserError
 from ssfer_dist.train.debugdata import write_debug_shards
 

@@ -52,7 +52,7 @@ def rafdb_shards(tmp_path_factory):
 def _independent_confusion(model, shards):
     import webdataset as wds
 
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
 
     urls = read_manifest(shards).shard_urls()
     conf = np.zeros((7, 7), np.int64)

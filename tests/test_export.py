@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssfer_dist.cli import main
-from ssfer_dist.data.schema import CLASS_NAMES, FACE_MEAN, FACE_STD
+from ssfer_dist.shards.schema import CLASS_NAMES, FACE_MEAN, FACE_STD
 from ssfer_dist.errors import UserError
 from ssfer_dist.export import export_weights, read_onnx_meta
 from ssfer_dist.models.classifier import build_classifier

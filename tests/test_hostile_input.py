@@ -112,7 +112,7 @@ def _rewrite_shard(folder, edit) -> str:
     """Rewrite the folder's first shard as ``edit(members) -> members`` (``[(TarInfo, bytes or None)]``; a
     ``None`` body with ``size`` > 0 leaves a hole: a sparse file, no disk or RAM used) and fix the manifest's
     size and sha256, as an attacker who writes shards would."""
-    from ssfer_dist.data.manifest import read_manifest, write_manifest
+    from ssfer_dist.shards.manifest import read_manifest, write_manifest
 
     m = read_manifest(folder)
     sh = m.shards[0]
@@ -156,8 +156,8 @@ def evil_folder(tmp_path):
 
 
 def test_reader_refuses_unsafe_members_and_keeps_the_rest(evil_folder):
-    from ssfer_dist.data.manifest import read_manifest
-    from ssfer_dist.data.tario import iter_url_samples
+    from ssfer_dist.shards.manifest import read_manifest
+    from ssfer_dist.shards.tario import iter_url_samples
 
     probs = []
     got = list(iter_url_samples(read_manifest(evil_folder).shard_urls()[0], problems=probs))
@@ -275,7 +275,7 @@ def test_huge_member_is_refused_everywhere_without_loading_it(tmp_path):
 
 
 def test_pipeline_counts_refused_members_as_corrupt(evil_folder):
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
     from ssfer_dist.data.pipeline import ShardStream, StreamSpec, Source, View, make_loader
 
     urls = read_manifest(evil_folder).shard_urls()

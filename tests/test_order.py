@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssfer_dist.data import pipeline as pl
-from ssfer_dist.data.manifest import read_manifest
+from ssfer_dist.shards.manifest import read_manifest
 from ssfer_dist.data.order import SlotOrder, mixture_counts
 from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader
 from ssfer_dist.train.debugdata import face_images, write_shard_folder

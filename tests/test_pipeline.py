@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssfer_dist.config import Config, SemiSupCfg, ThresholdCfg, TrainCfg
-from ssfer_dist.data.manifest import read_manifest
+from ssfer_dist.shards.manifest import read_manifest
 from ssfer_dist.data.pipeline import ShardStream, Source, StreamSpec, View, make_loader, split_urls
 from ssfer_dist.stages import get_stage
 from ssfer_dist.stages.base import StageConfigs
@@ -52,10 +52,10 @@ def test_resume_gives_the_same_batches(shards, lanes):
 
 
 def test_tool_reader_and_training_reader_see_the_same_samples(shards):
-    """data/tario.py (evaluate, verify, split, inspect) groups tar members as webdataset does (training)."""
+    """shards/tario.py (evaluate, verify, split, inspect) groups tar members as webdataset does (training)."""
     import webdataset as wds
 
-    from ssfer_dist.data.tario import iter_url_samples
+    from ssfer_dist.shards.tario import iter_url_samples
 
     url = read_manifest(shards["labeled"]).shard_urls()[0]
     ours = [(k, s) for k, s in iter_url_samples(url)]

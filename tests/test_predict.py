@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ssfer_dist.cli import main
-from ssfer_dist.data.schema import CLASS_NAMES
+from ssfer_dist.shards.schema import CLASS_NAMES
 from ssfer_dist.predict import Predictor, crop_square
 from tests.test_export import make_weights
 

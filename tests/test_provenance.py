@@ -9,7 +9,7 @@ from ssfer_dist.models.io import load_weights, read_meta, save_weights
 from ssfer_dist.predict import Predictor
 from ssfer_dist.stages import get_stage
 from ssfer_dist.stages.base import StageConfigs
-from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.plan import LaunchPlan
 from tests.test_export import make_weights
 
 

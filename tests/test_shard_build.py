@@ -15,8 +15,8 @@ from sharding.cli import main as shard_main
 from sharding.split import split_shards
 from sharding.verify import verify
 from ssfer_dist import storage
-from ssfer_dist.data.manifest import read_manifest
-from ssfer_dist.data.schema import SampleMeta
+from ssfer_dist.shards.manifest import read_manifest
+from ssfer_dist.shards.schema import SampleMeta
 
 
 def _shard_files(folder):

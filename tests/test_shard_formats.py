@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from sharding.build import BuildConfig, run_build
-from ssfer_dist.data.manifest import read_manifest
-from ssfer_dist.data.schema import SampleMeta
+from ssfer_dist.shards.manifest import read_manifest
+from ssfer_dist.shards.schema import SampleMeta
 from ssfer_dist.errors import UserError
 
 MAGIC = 0xCED7230A

@@ -1,7 +1,7 @@
 """Manifest API (contract 2): round trip, determinism, bad manifests."""
 import pytest
 
-from ssfer_dist.data.manifest import ShardInfo, manifest_bytes, read_manifest, write_manifest
+from ssfer_dist.shards.manifest import ShardInfo, manifest_bytes, read_manifest, write_manifest
 from ssfer_dist.errors import UserError
 
 
@@ -46,7 +46,7 @@ def test_tar_writer_matches_tarfile_and_meta_json_matches_schema():
     import tarfile
 
     from sharding.writer import TAR_USER, SampleTarWriter, meta_json
-    from ssfer_dist.data.schema import SampleMeta
+    from ssfer_dist.shards.schema import SampleMeta
 
     samples = [{"__key__": "ds/a/b", "jpg": b"x" * 1000, "json": b"{}", "cls": b"3"},
                {"__key__": "d/" + "y" * 120 + "/z", "jpg": b"q" * 512}]
@@ -71,7 +71,7 @@ def test_tar_writer_matches_tarfile_and_meta_json_matches_schema():
 
 
 def test_make_keys_equals_make_key_one_by_one():
-    from ssfer_dist.data.schema import make_key, make_keys
+    from ssfer_dist.shards.schema import make_key, make_keys
 
     plain = ["id1/0001.jpg", "id 2/a.b.png", "x/y/z.jpeg", "top.jpg", "n000002/0001_01.jpg", "é/ü.jpg", "noext"]
     odd = plain + ["a\\b.jpg", "/lead.jpg", "nl\nname.jpg"]

@@ -9,13 +9,13 @@ import pathlib
 import pytest
 import torch
 
-from ssfer_dist.config import ConfigError, load_config
+from ssfer_dist.config import ConfigError
 from ssfer_dist.models.io import classifier_from_weights, save_weights
 from ssfer_dist.models.mae import build_mae
-from ssfer_dist.stages import get_stage, stage_names
+from ssfer_dist.stages import get_stage, load_stage_config, stage_names
 from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.tasks import FaceMixFinetune, LinearProbe, MAEPretrain, SemiSupervised, Task
-from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.plan import LaunchPlan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -42,7 +42,7 @@ def mae_weights(tmp_path_factory):
 
 
 def _probe_cfg(weights, *extra):
-    return load_config(str(CONFIGS / "debug_cpu_linprobe.yaml"), [f"init.weights={weights}", *extra])
+    return load_stage_config(str(CONFIGS / "debug_cpu_linprobe.yaml"), [f"init.weights={weights}", *extra])
 
 
 def test_registry_names_every_stage_and_config_validates_against_it():
@@ -50,18 +50,18 @@ def test_registry_names_every_stage_and_config_validates_against_it():
     assert [get_stage(n).name for n in stage_names()] == list(stage_names())
     with pytest.raises(ConfigError, match=r"train\.stage: unknown stage 'probe' \(expected one of: mae, facemix, "
                                           r"semisup, linear_probe\)"):
-        load_config(str(CONFIGS / "debug_cpu_pretrain.yaml"), ["train.stage=probe"])
+        load_stage_config(str(CONFIGS / "debug_cpu_pretrain.yaml"), ["train.stage=probe"])
     with pytest.raises(KeyError, match="linear_probe"):
         get_stage("probe")
 
 
 def test_stage_config_checks_come_from_the_stage(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.unlabeled: semisup needs at least one unlabeled source"):
-        load_config(str(CONFIGS / "debug_cpu_semisup.yaml"), ["data.unlabeled=[]"])
+        load_stage_config(str(CONFIGS / "debug_cpu_semisup.yaml"), ["data.unlabeled=[]"])
     with pytest.raises(ConfigError, match=r"init\.weights: linear_probe needs the pretrained encoder"):
-        load_config(str(CONFIGS / "debug_cpu_linprobe.yaml"), ["init.weights=null"])
+        load_stage_config(str(CONFIGS / "debug_cpu_linprobe.yaml"), ["init.weights=null"])
     with pytest.raises(ConfigError, match=r"linear_probe\.label_smoothing: expected float"):
-        load_config(str(CONFIGS / "debug_cpu_linprobe.yaml"), ["linear_probe.label_smoothing=abc"])
+        load_stage_config(str(CONFIGS / "debug_cpu_linprobe.yaml"), ["linear_probe.label_smoothing=abc"])
 
 
 def test_launch_plan_is_frozen():
@@ -157,7 +157,7 @@ class _FakeEngine:
 def test_facemix_model_ema_updates_checkpoints_and_is_what_gets_exported(mae_weights):
     from ssfer_dist.train.loop import export_state_dict
 
-    cfg = load_config(str(CONFIGS / "debug_cpu_finetune.yaml"),
+    cfg = load_stage_config(str(CONFIGS / "debug_cpu_finetune.yaml"),
                       [f"init.weights={mae_weights}", "train.model_ema=true", "train.model_ema_decay=0.9"])
     stage, sub = get_stage("facemix"), StageConfigs.of(cfg)
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_facemix_model_ema_updates_checkpoints_and_is_what_gets_exported(mae_wei
     task2, _ = stage.build_task(sub, _plan(stage="facemix"), torch.device("cpu"))
     task2.load_state_dict(st)
     assert torch.equal(task2.ema.module.state_dict()[k], ema.state_dict()[k]) and task2.ema.num_updates == 2
-    off = StageConfigs.of(load_config(str(CONFIGS / "debug_cpu_finetune.yaml"), [f"init.weights={mae_weights}"]))
+    off = StageConfigs.of(load_stage_config(str(CONFIGS / "debug_cpu_finetune.yaml"), [f"init.weights={mae_weights}"]))
     task3, model3 = stage.build_task(off, _plan(stage="facemix"), torch.device("cpu"))
     assert stage.eval_module(off, task3) is None and task3.state_dict() == {} and task3.after_step(0) == {}
     assert torch.equal(export_state_dict(stage, off, task3, _FakeEngine(model3), 2, rank=0)[k],
@@ -200,19 +200,19 @@ def test_facemix_model_ema_updates_checkpoints_and_is_what_gets_exported(mae_wei
 
 def test_model_ema_config_checks():
     with pytest.raises(ConfigError, match=r"train\.model_ema: the mae stage keeps no model EMA"):
-        load_config(str(CONFIGS / "debug_cpu_pretrain.yaml"), ["train.model_ema=true"])
+        load_stage_config(str(CONFIGS / "debug_cpu_pretrain.yaml"), ["train.model_ema=true"])
     with pytest.raises(ConfigError, match=r"train\.model_ema: the semisup stage keeps no model EMA"):
-        load_config(str(CONFIGS / "debug_cpu_semisup.yaml"), ["train.model_ema=true"])
+        load_stage_config(str(CONFIGS / "debug_cpu_semisup.yaml"), ["train.model_ema=true"])
     with pytest.raises(ConfigError, match=r"train\.model_ema_decay: expected 0 < value < 1"):
-        load_config(str(CONFIGS / "debug_cpu_finetune.yaml"), ["train.model_ema_decay=1.0"])
+        load_stage_config(str(CONFIGS / "debug_cpu_finetune.yaml"), ["train.model_ema_decay=1.0"])
     with pytest.raises(ConfigError, match=r"semisup\.eval_model"):
-        load_config(str(CONFIGS / "debug_cpu_semisup.yaml"), ["semisup.eval_model=ema"])
+        load_stage_config(str(CONFIGS / "debug_cpu_semisup.yaml"), ["semisup.eval_model=ema"])
 
 
 def test_semisup_eval_model_student_or_teacher(mae_weights):
     stage = get_stage("semisup")
     for which in ("student", "teacher"):
-        cfg = load_config(str(CONFIGS / "debug_cpu_semisup.yaml"),
+        cfg = load_stage_config(str(CONFIGS / "debug_cpu_semisup.yaml"),
                           [f"init.weights={mae_weights}", f"semisup.eval_model={which}"])
         sub = StageConfigs.of(cfg)
         task, model = stage.build_task(sub, _plan(stage="semisup"), torch.device("cpu"))

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ssfer_dist.config import ConfigError
-from ssfer_dist.data.manifest import read_manifest
+from ssfer_dist.shards.manifest import read_manifest
 from ssfer_dist.sweep import load_sweep
 from ssfer_dist.train.debugdata import write_debug_shards
 

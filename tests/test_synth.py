@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ssfer_dist import synth
-from ssfer_dist.data.schema import CLASS_NAMES, RAFDB_TO_CANONICAL
+from ssfer_dist.shards.schema import CLASS_NAMES, RAFDB_TO_CANONICAL
 
 
 def test_rafdb_label_ids_round_trip():

@@ -35,7 +35,7 @@ def shards_and_weights(tmp_path_factory):
 
 
 def _evaluator(shards, rank=0, world=1, batch=17):
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
     from ssfer_dist.train.evaluation import TrainingEval
 
     man = read_manifest(shards, with_index=False)
@@ -117,11 +117,12 @@ def test_eval_config_and_preflight_errors(tmp_path):
     from ssfer_dist.config import ConfigError, load_config
     from ssfer_dist.distributed.launch import preflight
     from ssfer_dist.errors import UserError
+    from ssfer_dist.stages import load_stage_config
     from ssfer_dist.train.debugdata import write_debug_shards
 
     cfgs = os.path.join(ROOT, "configs")
     with pytest.raises(ConfigError, match=r"eval\.shards: the mae stage trains no classifier"):
-        load_config(os.path.join(cfgs, "debug_cpu_pretrain.yaml"), ["eval.shards=x"])
+        load_stage_config(os.path.join(cfgs, "debug_cpu_pretrain.yaml"), ["eval.shards=x"])
     with pytest.raises(ConfigError, match=r"eval\.every_steps: expected >= 0"):
         load_config(os.path.join(cfgs, "debug_cpu_finetune.yaml"), ["eval.every_steps=-1"])
     with pytest.raises(ConfigError, match=r"eval\.best_metric"):

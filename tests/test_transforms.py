@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
+from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 from ssfer_dist.data.transforms import build_transform, normalize_on_device, to_tensor
 
 

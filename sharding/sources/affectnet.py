@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from sharding.sources.base import FaceRecord, Listing, Skipped
 from sharding.sources.confine import InputRoot
-from ssfer_dist.data.schema import AFFECTNET_TO_CANONICAL, make_key
+from ssfer_dist.shards.schema import AFFECTNET_TO_CANONICAL, make_key
 from ssfer_dist.errors import UserError
 
 __all__ = ["list_affectnet", "REQUIRED_COLUMNS"]

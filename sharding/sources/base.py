@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
-from ssfer_dist.data.schema import UNLABELED
+from ssfer_dist.shards.schema import UNLABELED
 
 __all__ = ["FaceRecord", "Listing", "Skipped", "CompactRecords", "RecordSlice"]
 

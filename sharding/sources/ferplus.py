@@ -14,7 +14,7 @@ import os
 from typing import List, Optional, Sequence
 
 from sharding.sources.base import FaceRecord, Listing, Skipped
-from ssfer_dist.data.schema import FER2013_TO_CANONICAL, make_key
+from ssfer_dist.shards.schema import FER2013_TO_CANONICAL, make_key
 from ssfer_dist.errors import UserError
 
 __all__ = ["list_ferplus", "majority_label"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from sharding.sources.base import CompactRecords, FaceRecord, Listing, Skipped
 from sharding.sources.confine import InputRoot
-from ssfer_dist.data.schema import make_keys
+from ssfer_dist.shards.schema import make_keys
 from ssfer_dist.errors import UserError
 
 __all__ = ["list_image_folder", "read_loose_bb", "FileSlice", "IMAGE_EXTS"]

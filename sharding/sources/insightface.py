@@ -21,7 +21,7 @@ from typing import BinaryIO, Dict, List, Optional, Tuple
 import numpy as np
 
 from sharding.sources.base import Listing, RecordSlice
-from ssfer_dist.data.schema import make_key
+from ssfer_dist.shards.schema import make_key
 from ssfer_dist.errors import UserError
 
 __all__ = ["MAGIC", "RecError", "read_record", "unpack_payload", "list_rec", "read_idx"]

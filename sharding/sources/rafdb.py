@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 from sharding.sources.base import FaceRecord, Listing, Skipped
 from sharding.sources.confine import InputRoot
-from ssfer_dist.data.schema import RAFDB_TO_CANONICAL, make_key
+from ssfer_dist.shards.schema import RAFDB_TO_CANONICAL, make_key
 from ssfer_dist.errors import UserError
 
 __all__ = ["list_rafdb", "LABEL_FILE"]

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from ssfer_dist.data.pipeline import stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,6 @@ class DeviceAugment:
         self.undecodable = 0
 
     def generator(self, index: int, key: str) -> torch.Generator:
-        from ssfer_dist.data.pipeline import stream_seed
-
         return torch.Generator().manual_seed(stream_seed(self.seed, self.rank, -2, int(index), "devaug/" + key))
 
     def _stack(self, imgs: List[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -28,11 +28,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssfer_dist.data.order import seed_of
-from ssfer_dist.data.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, jpeg_header, open_image
-from ssfer_dist.data.schema import EXT_CLASS, EXT_IMAGE, EXT_META
-from ssfer_dist.data.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
+from ssfer_dist.data.order import SlotOrder, mixture_counts, seed_of, slot_of
+from ssfer_dist.data.transforms import build_transform
 from ssfer_dist.errors import UserError
+from ssfer_dist.shards.safeimage import DEFAULT_MAX_PIXELS, ImageTooLarge, jpeg_header, open_image
+from ssfer_dist.shards.schema import EXT_CLASS, EXT_IMAGE, EXT_META
+from ssfer_dist.shards.tario import DEFAULT_MAX_MEMBER_BYTES, iter_tar_members, split_member_name
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class _Counter:
 
 
 def guarded_tarfile_to_samples(handler, max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES):
-    """``webdataset.tarfile_to_samples`` with every member checked first (``data/tario.py``): a member with an
+    """``webdataset.tarfile_to_samples`` with every member checked first (``shards/tario.py``): a member with an
     absolute or ``..`` name, a link / non-regular member, or one over ``max_member_bytes`` is never read;
     it is reported to ``handler`` (counted corrupt) and its whole sample dropped (webdataset's ``__bad__``
     marker). webdataset's URL opener and key grouping are kept, so the samples are the same otherwise."""
@@ -336,8 +337,6 @@ class ShardStream(IterableDataset):
     def _transforms(self) -> Dict[str, Callable]:
         factory = self.transform_factory
         if factory is None:
-            from ssfer_dist.data.transforms import build_transform
-
             factory = build_transform
         kinds = {v.kind for s in self.specs for v in s.views if not v.on_device}
         return {k: factory(k, self.img_size, self.uint8) for k in kinds}
@@ -475,7 +474,6 @@ class ShardStream(IterableDataset):
     def _iter_ordered(self, worker: int) -> Iterator[Dict[str, Any]]:
         """Batches in the shard-level order of :mod:`ssfer_dist.data.order`: this rank's micro-batch ``k`` is
         global micro-batch ``k·R + r``; lane ``worker`` makes ``k = start + worker, start + worker + L, …``."""
-        from ssfer_dist.data.order import SlotOrder, mixture_counts, slot_of
 
         tfs = self._transforms()
         counter = _Counter()

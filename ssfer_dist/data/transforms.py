@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
+from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 
 KINDS = ("mae", "weak", "strong", "eval")
 RANDAUG = "rand-m9-mstd0.5-inc1"

@@ -5,8 +5,8 @@ every reported checkpoint, the run state) through the ``pyarrow.fs`` filesystem 
 AWS SDK's retry strategy inside ``pyarrow.fs.S3FileSystem`` does not cover every transient fault: an
 endpoint that refuses connections fails ``CreateMultipartUpload`` at once ("curlCode: 7 … after 0 ms"),
 and a controller error ends the run however large ``failure.max_failures`` is. So the S3 filesystem
-handed to Ray is wrapped here: every call is retried with exponential backoff while it fails
-transiently and ``run.storage_retry_s`` lasts — the same budget as :mod:`ssfer_dist.storage` — and
+handed to Ray is wrapped here: every call goes through :func:`ssfer_dist.storage.retry` (the same transient
+faults, backoff and ``run.storage_retry_s`` budget as every other storage call), and
 written files are buffered and uploaded whole on ``close()``, so a retry re-sends the complete object
 (S3 objects appear whole or not at all). Permanent faults (missing key, access denied) are raised at once.
 
@@ -16,56 +16,17 @@ the inner ``S3FileSystem`` reads them from each process's environment.
 from __future__ import annotations
 
 import io
-import logging
-import random
 import tempfile
-import time
 from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-log = logging.getLogger(__name__)
+from ssfer_dist.storage import retry
+
 T = TypeVar("T")
 
-# Arrow's S3 errors are OSError with the SDK's error name in the message.
-_TRANSIENT_MARKS = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE",
-                    "THROTTLING", "REQUEST_TIMEOUT", "REQUEST_TIME_TOO_SKEWED", "Connection reset",
-                    "Connection refused", "connection was closed", "HTTP status 500", "HTTP status 502",
-                    "HTTP status 503", "HTTP status 504", "Timeout was reached")
-_PERMANENT_MARKS = ("ACCESS_DENIED", "NO_SUCH_KEY", "NO_SUCH_BUCKET", "INVALID_ACCESS_KEY_ID", "SIGNATURE",
-                    "HTTP status 403", "HTTP status 404")
 SPOOL_BYTES = 64 * 1024 * 1024      # written files above this spill from memory to a temporary file
-
-
-def is_transient(e: BaseException) -> bool:
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if not isinstance(e, OSError):
-        return False
-    msg = str(e)
-    if any(m in msg for m in _PERMANENT_MARKS):
-        return False
-    return any(m in msg for m in _TRANSIENT_MARKS)
-
-
-def retry(what: str, fn: Callable[[], T], budget_s: float, sleep: Callable[[float], None] = time.sleep) -> T:
-    """``fn()``, retried while it fails transiently and ``budget_s`` lasts (backoff 0.5 s × 2^k, ≤ 8 s)."""
-    deadline = time.monotonic() + budget_s
-    delay, attempt = 0.5, 1
-    while True:
-        try:
-            return fn()
-        except Exception as e:
-            if not is_transient(e) or time.monotonic() + delay > deadline:
-                if attempt > 1:
-                    log.warning("storage: %s failed after %d attempts (run.storage_retry_s=%g)", what, attempt,
-                                budget_s)
-                raise
-            log.warning("storage: %s failed (%s); retrying in %.1f s", what, str(e).splitlines()[0][:200], delay)
-            sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, 8.0)
-            attempt += 1
 
 
 class _UploadOnClose(io.RawIOBase):

@@ -36,10 +36,8 @@ STALL_EXIT_CODE = 75
 # errno values no retry can fix; named in the cause line
 PERMANENT_ERRNOS = {_errno.ENOENT, _errno.ENOSPC, _errno.EACCES, _errno.EPERM, _errno.EROFS, _errno.EDQUOT,
                     _errno.ENOTDIR, _errno.EISDIR}
-# S3 error codes no retry can fix
-PERMANENT_S3_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden",
-                      "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidBucketName",
-                      "EntityTooLarge", "QuotaExceeded"}
+# S3 error codes no retry can fix (the storage layer's table)
+PERMANENT_S3_CODES = storage.PERMANENT_S3_CODES
 
 
 # the same faults after a process boundary flattened them to text (a DataLoader worker re-raises the
@@ -103,11 +101,7 @@ def classify(exc: BaseException) -> Optional[str]:
     return None
 
 
-def _s3_code(e: BaseException) -> Optional[str]:
-    resp = getattr(e, "response", None)
-    if isinstance(resp, dict):
-        return str(resp.get("Error", {}).get("Code", "")) or None
-    return getattr(e, "s3_code", None)
+_s3_code = storage.s3_code
 
 
 # ------------------------------------------------------------------------------------------- watchdog

@@ -21,10 +21,10 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ssfer_dist import storage
-from ssfer_dist.config import Config, absolute_paths, derived, load_config, load_pipeline, to_dict
+from ssfer_dist.config import Config, absolute_paths, derived, load_pipeline, to_dict
 from ssfer_dist.errors import UserError
-from ssfer_dist.stages import get_stage
-from ssfer_dist.train.plan import LaunchPlan, UnlabeledPlan
+from ssfer_dist.stages import get_stage, load_stage_config
+from ssfer_dist.plan import LaunchPlan, UnlabeledPlan
 from ssfer_dist.worker_env import non_secret_env
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _abs_storage(url: str) -> str:
 
 
 def _read_manifest(url: str, key: str):
-    from ssfer_dist.data.manifest import read_manifest
+    from ssfer_dist.shards.manifest import read_manifest
 
     try:
         return read_manifest(url, with_index=False)
@@ -447,7 +447,7 @@ def _permanent_faults_not_retried():
 
 def run_from_cli(config_path: str, overrides: List[str], dry_run: bool = False, launcher: str = "ray") -> int:
     """``ssfer run CONFIG [--set k=v ...] [--dry-run] [--launcher ray|torchrun]`` → exit code."""
-    cfg = load_config(config_path, overrides)
+    cfg = load_stage_config(config_path, overrides)
     if dry_run:
         sys.stdout.write(dry_run_text(cfg, config_path))
         return 0
@@ -608,7 +608,7 @@ def pipeline_configs(path: str, overrides: List[str]) -> List[Config]:
         ov += per_stage[name]
         if prev_export is not None:
             ov.append(f"init.weights={prev_export}")
-        cfg = load_config(st.config, ov)
+        cfg = load_stage_config(st.config, ov)
         expected = {"pretrain": "mae", "finetune": "facemix", "semisup": "semisup"}[name]
         if cfg.train.stage != expected:
             raise UserError(f"{path}: {name}.config: {st.config} has train.stage={cfg.train.stage!r}, "

@@ -15,8 +15,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ssfer_dist.data.schema import CLASS_NAMES, FACE_MEAN, FACE_STD
 from ssfer_dist.errors import UserError
+from ssfer_dist.models.classifier import build_classifier
+from ssfer_dist.shards.schema import CLASS_NAMES, FACE_MEAN, FACE_STD
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,6 @@ def classifier_from_weights(path: str, num_classes: Optional[int] = None, global
 
     The returned meta is the file's, with ``kind="classifier"`` and the classifier's full ``arch``.
     """
-    from ssfer_dist.models.classifier import build_classifier
 
     sd, meta = load_weights(path)
     arch = dict(meta["arch"])

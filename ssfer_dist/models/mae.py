@@ -22,7 +22,9 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 
 from ssfer_dist.errors import UserError
+from ssfer_dist.models.io import save_weights
 from ssfer_dist.models.vit import LN_EPS, build_vit, size_from_dims, vit_dims
+from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +300,6 @@ def convert_mae_checkpoint(src: str, dst: str, img_size: Optional[int] = None, k
 
     The result is what ``init.weights`` takes: an MAE to continue pretraining or an encoder to fine-tune.
     """
-    from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
-    from ssfer_dist.models.io import save_weights
 
     if kind not in ("mae", "encoder"):
         raise UserError(f"kind must be 'mae' or 'encoder', got {kind!r}")

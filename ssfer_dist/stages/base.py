@@ -6,7 +6,7 @@ streams, its optimizer parameter groups, the metadata of its export, and (option
 loop (``train/loop.py``) and the launcher (``distributed/launch.py``) only call these methods.
 
 Stages receive :class:`StageConfigs` (the sub-configs a stage may read, never the whole ``Config``) and
-the frozen :class:`~ssfer_dist.train.plan.LaunchPlan`.
+the frozen :class:`~ssfer_dist.plan.LaunchPlan`.
 """
 from __future__ import annotations
 
@@ -21,12 +21,15 @@ from torch import nn
 
 from ssfer_dist import storage
 from ssfer_dist.config import Config, DataCfg, InitCfg, ModelCfg, OptimCfg, RunCfg, TrainCfg
+from ssfer_dist.data.device_aug import DeviceAugment, place_views
 from ssfer_dist.data.pipeline import Source, StreamSpec, View
-from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
 from ssfer_dist.errors import UserError
+from ssfer_dist.models.classifier import build_classifier, param_groups
+from ssfer_dist.models.io import classifier_from_weights, read_meta
+from ssfer_dist.plan import LaunchPlan
+from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 from ssfer_dist.stages import get_stage
 from ssfer_dist.tasks.base import Task
-from ssfer_dist.train.plan import LaunchPlan
 
 __all__ = ["Stage", "StageConfigs", "local_weights", "build_classifier_for", "rank_now"]
 
@@ -72,8 +75,6 @@ def local_weights(url: str) -> str:
 
 def build_classifier_for(m: ModelCfg, init: InitCfg, num_classes: int, drop_path: Optional[float] = None) -> nn.Module:
     """A classifier from ``init.weights`` (an MAE / encoder / classifier export) or from scratch."""
-    from ssfer_dist.models.classifier import build_classifier
-    from ssfer_dist.models.io import classifier_from_weights
 
     dp = m.drop_path if drop_path is None else drop_path
     if init.weights:
@@ -98,6 +99,13 @@ class Stage:
     model_ema: bool = False           # train.model_ema: the stage keeps an EMA of the weights (eval_module)
 
     # ---- config and pre-flight
+    def config_problems(self, cfg: Config) -> List[Tuple[str, str]]:
+        """Every stage-dependent problem of ``cfg`` as (key path, message), the first one first."""
+        out = []
+        if cfg.eval.shards and not self.needs_labels:
+            out.append(("eval.shards", f"the {self.name} stage trains no classifier to evaluate"))
+        return out + self.check_config(StageConfigs.of(cfg))
+
     def check_config(self, sub: StageConfigs) -> List[Tuple[str, str]]:
         """Cross-field problems as (key path, message); the config loader raises the first."""
         out = []
@@ -125,7 +133,6 @@ class Stage:
     def data_views(self, sub: StageConfigs) -> Views:
         """:meth:`views` placed: with ``data.augment_on: device`` the mae/weak views are decoded on the CPU and
         augmented on the training device (``data.device_aug``)."""
-        from ssfer_dist.data.device_aug import place_views
 
         lab, unl = self.views(sub)
         return place_views(lab, sub.data.augment_on), place_views(unl, sub.data.augment_on)
@@ -140,7 +147,6 @@ class Stage:
     def device_augment(self, sub: StageConfigs, plan: LaunchPlan, rank: int):
         """The on-device half of the stage's views (``DeviceAugment``), or None when the CPU makes them all;
         the loop applies it to every micro-batch once it is on the device."""
-        from ssfer_dist.data.device_aug import DeviceAugment
 
         keys = {s.prefix + v.name: v.kind for s in self.stream_specs(sub, plan) for v in s.views if v.on_device}
         if not keys:
@@ -158,7 +164,6 @@ class Stage:
 
     def param_groups(self, sub: StageConfigs, model: nn.Module) -> List[Dict[str, Any]]:
         """AdamW groups (no decay on norms/biases/tokens; layer-wise lr decay when the stage allows it)."""
-        from ssfer_dist.models.classifier import param_groups
 
         ld = sub.optim.layer_decay if (sub.optim.layer_decay and self.layer_decay) else 1.0
         return param_groups(model, weight_decay=sub.optim.weight_decay, layer_decay=ld)
@@ -182,8 +187,6 @@ class Stage:
         ``init.weights`` came from (``ssfer predict`` warns when they are the synthetic demo sets)."""
         trained_on = list(plan.datasets)
         if sub.init.weights:
-            from ssfer_dist.models.io import read_meta
-
             trained_on = list(read_meta(local_weights(sub.init.weights)).get("trained_on", [])) + trained_on
         return {"mean": list(FACE_MEAN), "std": list(FACE_STD), "stage": self.name, "run": sub.run.name,
                 "steps": int(plan.total_steps), "trained_on": list(dict.fromkeys(trained_on))}

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from ssfer_dist.distributed.engine import engine_dtype
+from ssfer_dist.plan import LaunchPlan
+from ssfer_dist.ssl.ema import EMATeacher
 from ssfer_dist.stages.base import Stage, StageConfigs, build_classifier_for, rank_now
 from ssfer_dist.tasks import FaceMixFinetune
 from ssfer_dist.tasks.base import Task
-from ssfer_dist.train.plan import LaunchPlan
 
 
 class FaceMixStage(Stage):
@@ -24,7 +25,6 @@ class FaceMixStage(Stage):
         model = build_classifier_for(sub.model, sub.init, plan.num_classes).to(device)
         ema = None
         if sub.train.model_ema:          # built from the full module, before DeepSpeed wraps (and shards) it
-            from ssfer_dist.ssl.ema import EMATeacher
 
             ema = EMATeacher(model, decay=sub.train.model_ema_decay, device=device)
         task = FaceMixFinetune(model, plan.num_classes, alpha=f.alpha, smoothing=f.label_smoothing,

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from ssfer_dist.distributed.engine import engine_dtype
+from ssfer_dist.plan import LaunchPlan
 from ssfer_dist.stages.base import Stage, StageConfigs, build_classifier_for
 from ssfer_dist.tasks.base import Task
 from ssfer_dist.tasks.linear_probe import LinearProbe, fold_probe_head, freeze_encoder
-from ssfer_dist.train.plan import LaunchPlan
 
 
 class LinearProbeStage(Stage):

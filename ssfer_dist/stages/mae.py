@@ -10,14 +10,16 @@ from torch import nn
 
 from ssfer_dist import storage
 from ssfer_dist.data.pipeline import View
-from ssfer_dist.data.schema import FACE_MEAN, FACE_STD
 from ssfer_dist.distributed.engine import engine_dtype
 from ssfer_dist.errors import UserError
+from ssfer_dist.models.io import load_weights
+from ssfer_dist.models.mae import build_mae
+from ssfer_dist.plan import LaunchPlan
+from ssfer_dist.shards.schema import FACE_MEAN, FACE_STD
 from ssfer_dist.stages.base import Stage, StageConfigs, Views, local_weights, rank_now
 from ssfer_dist.tasks import MAEPretrain
 from ssfer_dist.tasks.base import Task
 from ssfer_dist.tasks.common import prepare_images
-from ssfer_dist.train.plan import LaunchPlan
 
 
 PREVIEW_SAMPLES = 8
@@ -56,9 +58,6 @@ class MAEStage(Stage):
         return (View("image", "mae"),), ()
 
     def build_task(self, sub: StageConfigs, plan: LaunchPlan, device: torch.device) -> Tuple[Task, nn.Module]:
-        from ssfer_dist.models.io import load_weights
-        from ssfer_dist.models.mae import build_mae
-
         m = sub.model
         dtype = engine_dtype(sub.train)
         model = build_mae(m.size, m.img_size, m.patch_size, m.norm_pix_loss, m.decoder_dim, m.decoder_depth,

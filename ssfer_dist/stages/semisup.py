@@ -11,10 +11,12 @@ from ssfer_dist.data.pipeline import Source, StreamSpec, View
 from ssfer_dist.distributed import collectives
 from ssfer_dist.distributed.engine import engine_dtype
 from ssfer_dist.errors import UserError
+from ssfer_dist.plan import LaunchPlan
+from ssfer_dist.ssl.ema import EMATeacher
+from ssfer_dist.ssl.thresholds import build_threshold
 from ssfer_dist.stages.base import Stage, StageConfigs, Views, build_classifier_for
 from ssfer_dist.tasks import SemiSupervised
 from ssfer_dist.tasks.base import Task
-from ssfer_dist.train.plan import LaunchPlan
 
 # FlexMatch max-reduces one dense int32 vector over the unlabeled set every step (8 MB at 2 M)
 MAX_FLEXMATCH_SAMPLES = 2_000_000
@@ -54,9 +56,6 @@ class SemiSupStage(Stage):
         return specs
 
     def build_task(self, sub: StageConfigs, plan: LaunchPlan, device: torch.device) -> Tuple[Task, nn.Module]:
-        from ssfer_dist.ssl.ema import EMATeacher
-        from ssfer_dist.ssl.thresholds import build_threshold
-
         s = sub.section
         th = s.threshold
         dtype = engine_dtype(sub.train)

@@ -52,11 +52,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch.distributed as dist
 
     from ssfer_dist import console, storage
-    from ssfer_dist.config import load_config, to_dict
+    from ssfer_dist.config import to_dict
     from ssfer_dist.distributed import faults
     from ssfer_dist.distributed.context import TorchrunContext
     from ssfer_dist.distributed.launch import absolute_paths, preflight, run_url
     from ssfer_dist.errors import UserError
+    from ssfer_dist.stages import load_stage_config
     from ssfer_dist.train.loop import run_worker
 
     a = _parser().parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides = list(a.overrides)
         if world:
             overrides.append(f"scaling.num_workers={world}")     # the world torchrun started
-        cfg = absolute_paths(load_config(a.config, overrides))
+        cfg = absolute_paths(load_stage_config(a.config, overrides))
         if cfg.scaling.use_gpu:
             have = torch.cuda.device_count() if torch.cuda.is_available() else 0
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -1,6 +1,6 @@
 """Tiny shard folders for the debug configs and tests (real faces from scikit-image, class-coded tints).
 
-``write_debug_shards(root)`` writes, following ``ssfer_dist.data.schema`` and ``ssfer_dist.data.manifest``:
+``write_debug_shards(root)`` writes, following ``ssfer_dist.shards.schema`` and ``ssfer_dist.shards.manifest``:
 
 - ``root/fr``              unlabeled "face recognition" shards (MAE pretraining, unlabeled stream);
 - ``root/fer_split/labeled``     labeled FER shards (7 classes);
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ssfer_dist import storage
-from ssfer_dist.data.schema import SampleMeta, make_key, sample_to_members
+from ssfer_dist.shards.schema import SampleMeta, make_key, sample_to_members
 
 __all__ = ["write_debug_shards", "write_shard_folder", "face_images"]
 
@@ -64,7 +64,7 @@ def write_shard_folder(folder: str, images: List[np.ndarray], classes: List[int]
     import webdataset as wds
     from PIL import Image
 
-    from ssfer_dist.data.manifest import ShardInfo, class_hist_of, write_manifest
+    from ssfer_dist.shards.manifest import ShardInfo, class_hist_of, write_manifest
 
     storage.ensure_dir(folder) if storage.is_s3(folder) else os.makedirs(folder, exist_ok=True)
     shards = []

@@ -36,7 +36,7 @@ from ssfer_dist.distributed.engine import (
 from ssfer_dist.stages import get_stage
 from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.train import fastpath
-from ssfer_dist.train.plan import LaunchPlan
+from ssfer_dist.plan import LaunchPlan
 from ssfer_dist.train.schedule import warmup_cosine
 from ssfer_dist.train.state import TrainState
 from ssfer_dist.train.step import DeviceMetrics, train_step
@@ -159,7 +159,7 @@ def evaluate_now(stage, sub: StageConfigs, task, engine, evaluator, dtype) -> Di
 
 def train_loop_per_worker(payload: Dict[str, Any]) -> None:
     """Ray Train worker entry point. ``payload``: ``config`` (plain dict) and ``plan`` (the
-    :class:`~ssfer_dist.train.plan.LaunchPlan` computed once by the launcher: steps, lr, global batch,
+    :class:`~ssfer_dist.plan.LaunchPlan` computed once by the launcher: steps, lr, global batch,
     shard URLs, class names, run URL; read here, never recomputed)."""
     from ssfer_dist.distributed.context import RayContext
     from ssfer_dist.startup import relax_gc

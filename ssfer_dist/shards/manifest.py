@@ -33,7 +33,7 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence
 
 from ssfer_dist import storage
-from ssfer_dist.data.schema import CLASS_NAMES, MANIFEST_NAME, UNLABELED
+from ssfer_dist.shards.schema import CLASS_NAMES, MANIFEST_NAME, UNLABELED
 from ssfer_dist.errors import UserError
 
 __all__ = ["ShardInfo", "Manifest", "read_manifest", "write_manifest", "manifest_url", "folder_of",
@@ -195,7 +195,7 @@ def write_manifest(folder: str, shards: Sequence[ShardInfo], *, dataset: str, im
     """Write ``<folder>/manifest.parquet`` atomically; returns its URL.
 
     ``num_classes`` is 0 for unlabeled sets; class names follow the canonical order of
-    ``ssfer_dist.data.schema.CLASS_NAMES``.
+    ``ssfer_dist.shards.schema.CLASS_NAMES``.
     """
     meta: Dict[str, Any] = dict(extra or {})
     meta.update(dataset=dataset, image_size=int(image_size), num_classes=int(num_classes),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import tarfile
 from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
+from ssfer_dist import storage
 
 __all__ = ["split_member_name", "iter_tar_samples", "iter_url_samples", "iter_tar_members", "MemberProblem",
            "member_problem", "DEFAULT_MAX_MEMBER_BYTES"]
@@ -106,7 +107,6 @@ def iter_tar_samples(fileobj: IO[bytes], max_member_bytes: Optional[int] = DEFAU
 def iter_url_samples(url: str, max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
                      problems: Optional[List[MemberProblem]] = None) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     """:func:`iter_tar_samples` of one shard by URL (a local path or ``s3://``); closes the stream."""
-    from ssfer_dist import storage
 
     stream = storage.open_read(url)
     try:
