@@ -9,7 +9,7 @@ Two implementations, one loop (:mod:`ssfer_dist.train.loop`):
 - :class:`TorchrunContext` — ``torchrun`` / ``torch.distributed.run`` (Slurm, plain GPU boxes, the GPU
   check): rank and world from the environment torchrun sets, the process group made here (NCCL on CUDA,
   gloo on the CPU). The checkpoint to resume from is the run's newest committed one
-  (:func:`~ssfer_dist.distributed.checkpoint.latest_complete`); rank 0 prunes all but
+  (:func:`~ssfer_dist.train.checkpoint.latest_complete`); rank 0 prunes all but
   ``checkpoint.num_to_keep`` after each commit.
 
 Both write the same run folder: ``checkpoint_<step>/`` (the same files, the same ``_COMMITTED`` protocol),
