@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterable, Optional
 from ssfer_dist import storage
 from ssfer_dist.config import Config, to_dict
 from ssfer_dist.distributed import collectives
+from ssfer_dist.evaluate import confusion_png
 from ssfer_dist.train.plan import LaunchPlan
 from ssfer_dist.train.state import TrainState
 from ssfer_dist.train.step import DeviceMetrics
@@ -143,8 +144,6 @@ class MetricsLog:
         import numpy as np
         from PIL import Image
 
-        from ssfer_dist.evaluate import confusion_png
-
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "confusion.png")
             confusion_png(np.asarray(conf), list(names), path, title=f"step {step}")
@@ -160,7 +159,7 @@ class MetricsLog:
         from torch.utils.tensorboard.summary import hparams as hp_summary
 
         exp, ssi, sei = hp_summary(hparams, {m: 0.0 for m in metrics})
-        writer = self._tb._get_file_writer()
+        writer = self._tb.file_writer           # made by the SummaryWriter when it opens
         for summ in (exp, ssi, sei):
             writer.add_summary(summ)
         rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(hparams.items()))
