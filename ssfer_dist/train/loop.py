@@ -97,9 +97,10 @@ def _train(cfg: Config, plan: LaunchPlan, payload: Dict[str, Any], watchdog: fau
            ctx: WorkerContext) -> None:
     _prepare_process(cfg, plan, payload.get("env", {}))
     ctx.setup_logging()
+    zero_stage = cfg.train.zero_stage
     ckpt = CheckpointManager(ctx, plan.run_url, every_steps=cfg.checkpoint.every_steps,
                              num_to_keep=cfg.checkpoint.num_to_keep, total_steps=plan.total_steps,
-                             zero_stage=cfg.train.zero_stage, convert_timeout_s=_convert_timeout(cfg))
+                             zero_stage=zero_stage, convert_timeout_s=_convert_timeout(cfg))
     w = _build(cfg, plan, ctx, payload.get("label") or plan.stage, ckpt, watchdog)
     batches, device_aug = _batches(w)
     mlog = MetricsLogger(cfg, plan, ctx.rank, w.label, w.state)
@@ -172,7 +173,7 @@ def _build(cfg: Config, plan: LaunchPlan, ctx: WorkerContext, label: str, ckpt: 
     _set_data_position(state, resume is not None, cfg.data, plan.grad_accum, world, rank)
     _seed_all(seeds["rank"] + 7919 * state.step)
     return Worker(cfg=cfg, plan=plan, ctx=ctx, stage=stage, sub=sub, label=label, device=device, fast=fast,
-                  zero_stage=cfg.train.zero_stage, task=task, engine=engine, optimizer=optimizer, state=state)
+                  zero_stage=ckpt.zero_stage, task=task, engine=engine, optimizer=optimizer, state=state)
 
 
 def _set_data_position(state: TrainState, resumed: bool, data: DataCfg, grad_accum: int, world: int,
