@@ -118,7 +118,7 @@ def wrap_upload_part(module) -> None:
 
     @functools.wraps(orig)
     def upload_part(local_dir: str, dest_url: str, rank: int, world: int):
-        m = re.search(r"checkpoint_(\d+)", dest_url)
+        m = re.fullmatch(r"checkpoint_(\d+)", dest_url.rstrip("/").rsplit("/", 1)[-1])
         if m and _due(int(m.group(1)), rank, ("enospc_upload",)):
             _upload_half_then_enospc(local_dir, dest_url)
         return orig(local_dir, dest_url, rank, world)
