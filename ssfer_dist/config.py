@@ -26,7 +26,7 @@ from ssfer_dist.typed import build as _build
 __all__ = [
     "Config", "RunCfg", "ScalingCfg", "FailureCfg", "CheckpointCfg", "ModelCfg", "InitCfg", "DataCfg",
     "UnlabeledSource", "OptimCfg", "TrainCfg", "EvalCfg", "FaceMixCfg", "SemiSupCfg", "ThresholdCfg",
-    "LinearProbeCfg", "DebugCfg",
+    "LinearProbeCfg",
     "PipelineCfg", "load_config", "load_pipeline", "from_dict", "to_dict", "apply_overrides", "derived",
     "ConfigError",
 ]
@@ -201,16 +201,6 @@ class LinearProbeCfg:
 
 
 @dataclass(frozen=True)
-class DebugCfg:
-    fail_at_step: Optional[int] = None   # test-only fault injection: raise once at this step ...
-    fail_rank: int = 1                   # ... on this rank ...
-    fail_marker: Optional[str] = None    # ... recorded in this local file (so it fires only once)
-    # what fires: "error" raises; "stall" freezes the worker (sleeps forever: a hung peer / loader);
-    # "enospc_upload" fails this rank's checkpoint upload half-way with ENOSPC (a full disk mid-save)
-    fail_kind: Literal["error", "stall", "enospc_upload"] = "error"
-
-
-@dataclass(frozen=True)
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     scaling: ScalingCfg = field(default_factory=ScalingCfg)
@@ -225,7 +215,6 @@ class Config:
     facemix: FaceMixCfg = field(default_factory=FaceMixCfg)
     semisup: SemiSupCfg = field(default_factory=SemiSupCfg)
     linear_probe: LinearProbeCfg = field(default_factory=LinearProbeCfg)
-    debug: DebugCfg = field(default_factory=DebugCfg)
 
 
 @dataclass(frozen=True)

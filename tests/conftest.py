@@ -28,8 +28,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ssfer
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# every training worker the tests start checks that collectives go through ssfer_dist.distributed.collectives
-os.environ.setdefault("SSFER_COMM_GUARD", "1")
+# every Python process the tests start gets tests/hooks (PYTHONPATH): the collective guard on in each, the fault
+# injector ready for a test to arm (tests/faultinject.py)
+import faultinject  # noqa: E402
+
+faultinject.setup_session()
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:

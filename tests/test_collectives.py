@@ -1,9 +1,9 @@
 """Collectives go through ``ssfer_dist.distributed.collectives``, on the process group's device.
 
 NCCL rejects CPU tensors, so a collective on a host tensor crashes the first log step of a GPU run; gloo
-accepts anything, so CPU runs cannot show it. The test-only guard (``install_guard``, on in every training
-worker the tests start via ``SSFER_COMM_GUARD=1``) makes any collective issued by ``ssfer_dist`` code outside
-the helper raise, and checks each tensor the helper hands over is on the communication device. Here it runs
+accepts anything, so CPU runs cannot show it. The test-only guard (``tests/hooks/ssfer_test_hooks.py``, on in
+every process the tests start) makes any collective issued by ``ssfer_dist`` code outside the helper raise,
+and checks each tensor the helper hands over is on the communication device. Here it runs
 in 2 real gloo processes through every stage's task and every threshold policy, the loop's step body and
 its log-step reductions.
 """
@@ -52,17 +52,18 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from ssfer_dist.train.step import DeviceMetrics, train_step
+    from ssfer_test_hooks import CommGuardError, install_guard
     from stepkit import CASES, TorchEngine, batches, build, case_id
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    collectives.install_guard()
+    install_guard()
     res = {}
     # the guard is live: a collective issued from ssfer_dist code outside the helper raises
     code = compile("torch.distributed.all_reduce(torch.ones(1))", "<ssfer_dist code>", "exec")
     try:
         exec(code, {"__name__": "ssfer_dist.somewhere", "torch": torch})
         res["guard"] = "not raised"
-    except collectives.CommGuardError as e:
+    except CommGuardError as e:
         res["guard"] = str(e)
     # max-reduce (FlexMatch's label exchange): each element is one rank's value, never a blend
     mx = torch.tensor([1, -1, 3] if rank == 0 else [4, 2, -1], dtype=torch.int32)

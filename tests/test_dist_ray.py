@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from faultinject import armed
 
 from ssfer_dist import storage
 from ssfer_dist.config import load_config
@@ -92,9 +93,9 @@ def test_mae_zero3_survives_a_killed_worker(ray_local, shards, tmp_path):
     marker = tmp_path / "fault.marker"
     cfg = _cfg("mae-z3", shards, str(tmp_path / "runs"),
                ["train.zero_stage=3", "train.max_steps=24", "train.log_every=1", "checkpoint.every_steps=8",
-                "failure.max_failures=1", "debug.fail_at_step=13", "debug.fail_rank=1", f"debug.fail_marker={marker}",
-                "train.preview_every=0"])
-    res = run_stage(cfg)
+                "failure.max_failures=1", "train.preview_every=0"])
+    with armed(13, 1, "error", marker):
+        res = run_stage(cfg)
     assert marker.exists()                                       # the fault fired (once)
     rec = _metrics(res.run_url)
     assert [r["step"] for r in rec] == list(range(1, 25))       # every step exactly once, to the same final step
@@ -123,10 +124,9 @@ def test_elastic_resume_on_ray_from_s3_2_workers_to_1(ray_local, shards, s3_buck
             "failure.max_failures=0", "train.preview_every=0", "data.order=shards", "data.virtual_slots=4"]
     ref = run_stage(_cfg("el-ref", shards, f"{s3_bucket}/runs", base))
     marker = os.path.join(os.path.dirname(shards["fr"]), "el.marker")
-    cut = base + ["debug.fail_at_step=10", "debug.fail_rank=1", f"debug.fail_marker={marker}"]
-    with pytest.raises(RuntimeError, match="run el failed"):
-        run_stage(_cfg("el", shards, f"{s3_bucket}/runs", cut))
-    res = run_stage(_cfg("el", shards, f"{s3_bucket}/runs", cut + ["scaling.num_workers=1", "train.grad_accum=2"]))
+    with armed(10, 1, "error", marker), pytest.raises(RuntimeError, match="run el failed"):
+        run_stage(_cfg("el", shards, f"{s3_bucket}/runs", base))
+    res = run_stage(_cfg("el", shards, f"{s3_bucket}/runs", base + ["scaling.num_workers=1", "train.grad_accum=2"]))
     want = {r["step"]: r["loss"] for r in _metrics(ref.run_url)}
     rec = _metrics(res.run_url)
     assert [r["step"] for r in rec] == list(range(1, 13))
@@ -141,10 +141,9 @@ def test_rerun_with_same_name_resumes(ray_local, shards, tmp_path):
 
     marker = tmp_path / "fault.marker"
     ov = ["train.zero_stage=2", "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=8",
-          "failure.max_failures=0", "debug.fail_at_step=10", "debug.fail_rank=0", f"debug.fail_marker={marker}",
-          "train.preview_every=0"]
+          "failure.max_failures=0", "train.preview_every=0"]
     cfg = _cfg("mae-rerun", shards, str(tmp_path / "runs"), ov)
-    with pytest.raises(RuntimeError, match="run mae-rerun failed"):
+    with armed(10, 0, "error", marker), pytest.raises(RuntimeError, match="run mae-rerun failed"):
         run_stage(cfg)
     assert marker.exists()
     run_dir = tmp_path / "runs" / "mae-rerun"

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from ssfer_dist import storage
-from ssfer_dist.distributed import checkpoint as ck
 from ssfer_dist.distributed import faults
+from ssfer_dist.train import checkpoint as ck
 from ssfer_dist.errors import UserError
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,7 +55,7 @@ def test_permanent_faults_are_named_in_one_line():
 def test_transient_faults_are_not_permanent():
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from ssfer_dist.train.loop import InjectedFault
+    from ssfer_test_hooks import InjectedFault
 
     assert faults.classify(InjectedFault("injected fault at step 3 on rank 1")) is None
     assert faults.classify(EndpointConnectionError(endpoint_url="http://127.0.0.1:1")) is None

@@ -18,10 +18,12 @@ import time
 
 import pytest
 
+from faultinject import armed
+
 from ssfer_dist import storage
 from ssfer_dist.config import load_config
-from ssfer_dist.distributed import checkpoint as ck
 from ssfer_dist.distributed.faults import RunFailed
+from ssfer_dist.train import checkpoint as ck
 from ssfer_dist.train.debugdata import write_debug_shards
 from tests.privateweed import PrivateWeed
 
@@ -48,9 +50,8 @@ def test_a_frozen_worker_ends_the_run_with_a_one_line_cause(ray_local, shards, t
     marker = tmp_path / "stall.marker"
     cfg = load_config(PRETRAIN, _ov("frozen", shards, tmp_path / "runs", [
         "train.max_steps=12", "checkpoint.every_steps=0", "failure.max_failures=0",
-        "failure.stall_timeout_s=20", "failure.collective_timeout_s=120",
-        "debug.fail_at_step=3", "debug.fail_rank=1", "debug.fail_kind=stall", f"debug.fail_marker={marker}"]))
-    with pytest.raises(RunFailed) as ei:
+        "failure.stall_timeout_s=20", "failure.collective_timeout_s=120"]))
+    with armed(3, 1, "stall", marker), pytest.raises(RunFailed) as ei:
         run_stage(cfg)
     ended = time.time()
     msg = str(ei.value)
@@ -72,11 +73,10 @@ def test_full_disk_mid_checkpoint_fails_at_once_and_leaves_no_partial(ray_local,
     runs = tmp_path / "runs"
     args = ["run", PRETRAIN]
     for o in _ov("fulldisk", shards, runs, [
-            "train.max_steps=8", "checkpoint.every_steps=2", "failure.max_failures=1",
-            "debug.fail_at_step=4", "debug.fail_rank=1", "debug.fail_kind=enospc_upload",
-            f"debug.fail_marker={marker}"]):
+            "train.max_steps=8", "checkpoint.every_steps=2", "failure.max_failures=1"]):
         args += ["--set", o]
-    assert main(args) == 2                         # with max_failures: 1 a retry would have finished the run
+    with armed(4, 1, "enospc_upload", marker):
+        assert main(args) == 2                         # with max_failures: 1 a retry would have finished the run
     assert marker.exists()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     run = str(runs / "fulldisk")

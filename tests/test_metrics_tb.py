@@ -65,7 +65,7 @@ def test_events_grouped_hparams_and_confusion_image(tmp_path):
 
 def test_run_hparams_from_a_shipped_config(tmp_path):
     from ssfer_dist.config import load_config
-    from ssfer_dist.train.loop import hparams
+    from ssfer_dist.train.metrics import hparams
     from ssfer_dist.plan import LaunchPlan
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

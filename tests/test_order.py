@@ -144,9 +144,9 @@ def test_order_shards_needs_the_sample_counts(fr):
 def test_a_zero3_checkpoint_is_not_resumed_on_another_rank_count(tmp_path):
     """ZeRO-1/2 resume elastically (tests/test_torchrun.py); ZeRO-3 through the universal checkpoint loads the
     weights but not the optimizer state exactly, so it is refused with one line naming what to set."""
-    from ssfer_dist.distributed import checkpoint as ck
-    from ssfer_dist.distributed.context import CheckpointRef
+    from ssfer_dist.distributed.context import CheckpointRef, WorkerContext
     from ssfer_dist.distributed.faults import PermanentFault
+    from ssfer_dist.train import checkpoint as ck
     from ssfer_dist.train.state import TrainState
 
     folder = tmp_path / "checkpoint_00000008"
@@ -155,10 +155,13 @@ def test_a_zero3_checkpoint_is_not_resumed_on_another_rank_count(tmp_path):
     (folder / ck.STATE_FILE).write_text(TrainState(stage="mae", step=8, num_ranks=2, data_order="shards",
                                                    virtual_slots=4).to_json())
 
-    class Zero3:
-        def zero_optimization_stage(self):
-            return 3
+    class OneRank(WorkerContext):
+        def latest_checkpoint(self):
+            return CheckpointRef(str(folder))
 
+    manager = ck.CheckpointManager(OneRank(), str(tmp_path), every_steps=4, num_to_keep=2, total_steps=12,
+                                   zero_stage=3, convert_timeout_s=60)
     with pytest.raises(PermanentFault, match=r"was saved by 2 ranks; resuming a ZeRO-3 run on 1 is not supported "
                                              r"\(ZeRO-1/2 are\): set scaling.num_workers=2$"):
-        ck.restore(CheckpointRef(str(folder)), Zero3(), task=None)
+        with manager.resuming():
+            pass

@@ -80,8 +80,8 @@ def test_every_task_follows_the_task_protocol():
 
 
 def test_checkpoint_and_engine_do_not_import_stages():
-    """distributed/checkpoint → stages → distributed/engine was a cycle; checkpoint now talks to the Task."""
-    for rel in ("ssfer_dist/distributed/checkpoint.py", "ssfer_dist/distributed/engine.py"):
+    """checkpoint → stages → distributed/engine was a cycle; checkpoint now talks to the Task."""
+    for rel in ("ssfer_dist/train/checkpoint.py", "ssfer_dist/distributed/engine.py"):
         tree = ast.parse((ROOT / rel).read_text())
         mods = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
@@ -155,7 +155,7 @@ class _FakeEngine:
 
 
 def test_facemix_model_ema_updates_checkpoints_and_is_what_gets_exported(mae_weights):
-    from ssfer_dist.train.loop import export_state_dict
+    from ssfer_dist.train.export import export_state_dict
 
     cfg = load_stage_config(str(CONFIGS / "debug_cpu_finetune.yaml"),
                       [f"init.weights={mae_weights}", "train.model_ema=true", "train.model_ema_decay=0.9"])

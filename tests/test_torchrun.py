@@ -13,8 +13,10 @@ import sys
 
 import pytest
 
+from faultinject import fault_env
+
 from ssfer_dist import storage
-from ssfer_dist.distributed import checkpoint as ck
+from ssfer_dist.train import checkpoint as ck
 from ssfer_dist.train.debugdata import write_debug_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +28,8 @@ def _metrics(run_dir, name="metrics.jsonl"):
         return [json.loads(x) for x in f if x.strip()]
 
 
-def _ssfer(args, timeout=600):
-    env = dict(os.environ)
+def _ssfer(args, timeout=600, fault=None):
+    env = dict(os.environ, **(fault or {}))
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "ssfer_dist.cli"] + args, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
@@ -42,9 +44,9 @@ def test_two_ranks_fail_then_resume_with_identical_batches(tmp_path):
     args = ["run", PRETRAIN, "--launcher", "torchrun"]
     for o in [f"data.shards={shards['fr']}", f"run.storage={runs}", "run.name=tr", "train.zero_stage=2",
               "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=4", "checkpoint.num_to_keep=2",
-              "train.preview_every=0", "debug.fail_at_step=10", "debug.fail_rank=1", f"debug.fail_marker={marker}"]:
+              "train.preview_every=0"]:
         args += ["--set", o]
-    first = _ssfer(args)
+    first = _ssfer(args, fault=fault_env(10, 1, "error", marker))
     assert first.returncode == 1, first.stderr[-3000:]
     assert marker.exists()
     assert "injected fault at step 10 on rank 1" in first.stderr, first.stderr[-3000:]
@@ -107,11 +109,11 @@ def test_a_torchrun_run_resumes_under_ray(tmp_path):
     runs = tmp_path / "runs"
     sets = [f"data.shards={shards['fr']}", f"run.storage={runs}", "run.name=cross", "train.zero_stage=2",
             "train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4", "train.preview_every=0",
-            "failure.max_failures=0", "debug.fail_at_step=6", "debug.fail_rank=0", f"debug.fail_marker={marker}"]
+            "failure.max_failures=0"]
     args = ["run", PRETRAIN]
     for o in sets:
         args += ["--set", o]
-    first = _ssfer(args + ["--launcher", "torchrun"])
+    first = _ssfer(args + ["--launcher", "torchrun"], fault=fault_env(6, 0, "error", marker))
     assert first.returncode == 1 and marker.exists(), first.stderr[-3000:]
     second = _ssfer(args)                                         # the default launcher: a local Ray
     assert second.returncode == 0, second.stderr[-3000:]
@@ -150,11 +152,9 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_matches_an_uninterrupted_run(tmp
     def run(name, extra=(), fail_at=None):
         args = ["run", PRETRAIN, "--launcher", "torchrun"]
         sets = common + [f"run.name={name}"] + list(extra)
-        if fail_at is not None:
-            sets += [f"debug.fail_at_step={fail_at}", "debug.fail_rank=0", f"debug.fail_marker={tmp_path / name}.m"]
         for o in sets:
             args += ["--set", o]
-        return _ssfer(args)
+        return _ssfer(args, fault=fault_env(fail_at, 0, "error", f"{tmp_path / name}.m") if fail_at else None)
 
     assert run("ref").returncode == 0
     assert run("down", fail_at=10).returncode == 1                 # 2 ranks, checkpoint 8

@@ -9,7 +9,7 @@ Two implementations, one loop (:mod:`ssfer_dist.train.loop`):
 - :class:`TorchrunContext` — ``torchrun`` / ``torch.distributed.run`` (Slurm, plain GPU boxes, the GPU
   check): rank and world from the environment torchrun sets, the process group made here (NCCL on CUDA,
   gloo on the CPU). The checkpoint to resume from is the run's newest committed one
-  (:func:`~ssfer_dist.distributed.checkpoint.latest_complete`); rank 0 prunes all but
+  (:func:`~ssfer_dist.train.checkpoint.latest_complete`); rank 0 prunes all but
   ``checkpoint.num_to_keep`` after each commit.
 
 Both write the same run folder: ``checkpoint_<step>/`` (the same files, the same ``_COMMITTED`` protocol),
@@ -105,7 +105,7 @@ class RayContext(WorkerContext):
         run folder's newest committed checkpoint — one a torchrun run wrote."""
         ckpt = self._train.get_checkpoint()
         if ckpt is None and self.run_url:
-            from ssfer_dist.distributed.checkpoint import latest_complete
+            from ssfer_dist.train.checkpoint import latest_complete
 
             url = latest_complete(self.run_url)
             if url:
@@ -163,7 +163,7 @@ class TorchrunContext(WorkerContext):
             logging.getLogger("ssfer_dist").setLevel(logging.WARNING)
 
     def latest_checkpoint(self) -> Optional[CheckpointRef]:
-        from ssfer_dist.distributed.checkpoint import latest_complete
+        from ssfer_dist.train.checkpoint import latest_complete
 
         url = latest_complete(self.run_url)
         return CheckpointRef(url) if url else None
@@ -175,7 +175,7 @@ class TorchrunContext(WorkerContext):
         upload(local_dir)
 
     def after_commit(self, run_url: str, num_to_keep: int) -> None:
-        from ssfer_dist.distributed.checkpoint import prune_committed
+        from ssfer_dist.train.checkpoint import prune_committed
 
         if num_to_keep and num_to_keep > 0:
             prune_committed(run_url, num_to_keep)

@@ -352,6 +352,14 @@ def run_stage(cfg: Config, plan: Optional[LaunchPlan] = None, label: Optional[st
         return _run_stage(cfg, plan, label or plan.stage, log_path)
 
 
+def train_loop_per_worker(payload: Dict[str, Any]) -> None:
+    """Ray Train's worker entry: the loop with Ray's worker context."""
+    from ssfer_dist.distributed.context import RayContext
+    from ssfer_dist.train.loop import run_worker
+
+    run_worker(payload, RayContext(payload["plan"].run_url))
+
+
 def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunResult:
     sc = cfg.scaling
     log.info("[%s] run %s (%s): %d workers, %d steps, global batch %d, lr %.3g → %s", label, cfg.run.name,
@@ -362,8 +370,6 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
     from ray.train.torch import TorchTrainer
 
     from ssfer_dist.distributed import localray, torchbackend
-    from ssfer_dist.train.loop import train_loop_per_worker
-
     res: Dict[str, float] = {"CPU": float(sc.cpus_per_worker)}
     if sc.use_gpu:
         res["GPU"] = float(sc.gpus_per_worker or 1.0)
@@ -392,7 +398,7 @@ def _run_stage(cfg: Config, plan: LaunchPlan, label: str, log_path: str) -> RunR
                                                                     int(fc.collective_timeout_s)))
     log.info("[%s] starting %d Ray Train workers (full log: %s)", label, sc.num_workers, log_path)
     from ssfer_dist.distributed import faults
-    from ssfer_dist.distributed.checkpoint import sweep_incomplete
+    from ssfer_dist.train.checkpoint import sweep_incomplete
 
     t0 = time.time()
     started = t0 - 1.0

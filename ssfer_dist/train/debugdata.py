@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ssfer_dist import storage
+from ssfer_dist.shards.manifest import ShardInfo, class_hist_of, write_manifest
 from ssfer_dist.shards.schema import SampleMeta, make_key, sample_to_members
 
 __all__ = ["write_debug_shards", "write_shard_folder", "face_images"]
@@ -63,8 +64,6 @@ def write_shard_folder(folder: str, images: List[np.ndarray], classes: List[int]
     """
     import webdataset as wds
     from PIL import Image
-
-    from ssfer_dist.shards.manifest import ShardInfo, class_hist_of, write_manifest
 
     storage.ensure_dir(folder) if storage.is_s3(folder) else os.makedirs(folder, exist_ok=True)
     shards = []

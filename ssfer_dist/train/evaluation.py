@@ -9,6 +9,9 @@ of forwards (one small ``all_reduce_max`` per batch says whether any rank still 
 slice is done forwards a dummy batch): a ZeRO-3 student gathers its parameters in every forward, which
 only works when every rank takes part. The metric definitions are ``ssfer evaluate``'s
 (:func:`ssfer_dist.evaluate.confusion_metrics`), so the numbers match it on the same weights.
+
+:class:`Evaluator` owns the cadence (``eval.every_steps`` and the last step), evaluates what the stage
+evaluates (its ``eval_module``, else the trained module) and exports the best weights to ``export/best/``.
 """
 from __future__ import annotations
 
@@ -18,13 +21,20 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ssfer_dist import storage
+from ssfer_dist.config import EvalCfg
+from ssfer_dist.data.transforms import build_transform
 from ssfer_dist.distributed import collectives
 from ssfer_dist.evaluate import confusion_metrics, labeled_samples
+from ssfer_dist.stages.base import StageConfigs
 from ssfer_dist.tasks.common import prepare_images
+from ssfer_dist.train.export import export_state_dict, write_export
+from ssfer_dist.plan import LaunchPlan
+from ssfer_dist.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingEval", "EVAL_KEYS"]
+__all__ = ["Evaluator", "TrainingEval", "EVAL_KEYS", "eval_record"]
 
 EVAL_KEYS = ("accuracy", "mean_class_accuracy", "macro_f1")
 
@@ -34,8 +44,6 @@ class TrainingEval:
 
     def __init__(self, urls: Sequence[str], class_names: Sequence[str], img_size: int, batch_size: int,
                  rank: int, world: int, device: torch.device, max_member_bytes: int):
-        from ssfer_dist.data.transforms import build_transform
-
         self.urls, self.class_names = tuple(urls), list(class_names)
         self.num_classes = len(self.class_names)
         self.img_size, self.batch_size = int(img_size), int(batch_size)
@@ -96,3 +104,59 @@ def eval_record(m: Dict[str, Any], which: str) -> Dict[str, Any]:
     out.update(eval_num_samples=int(m["num_samples"]), eval_corrupt=int(m["num_corrupt"]),
                eval_weights=which, eval_confusion=m["confusion"])
     return out
+
+
+class Evaluator:
+    """Evaluation while training on every worker (``eval.shards``): :meth:`should_eval` (``eval.every_steps``
+    and the last step; never without an eval set), :meth:`run` (every rank takes part), the best weights by
+    ``eval.best_metric`` exported to ``<run>/export/best/`` with ``eval.json``."""
+
+    def __init__(self, cfg: EvalCfg, plan: LaunchPlan, stage, sub: StageConfigs, *, rank: int, world: int,
+                 device: torch.device, img_size: int, max_member_bytes: int, dtype: torch.dtype, zero_stage: int,
+                 label: str) -> None:
+        self.every_steps, self.best_metric = int(cfg.every_steps), cfg.best_metric
+        self.plan, self.stage, self.sub = plan, stage, sub
+        self.rank, self.zero_stage, self.label = rank, int(zero_stage), label
+        self.input_dtype = None if dtype == torch.float32 else dtype     # the trained module's input dtype
+        self.data = TrainingEval(plan.eval_urls, plan.class_names, img_size, cfg.batch_size_per_rank, rank,
+                                 world, device, max_member_bytes) if plan.eval_urls else None
+
+    def should_eval(self, step: int) -> bool:
+        if self.data is None:
+            return False
+        return step >= self.plan.total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+    def evaluate(self, task, engine) -> Dict[str, Any]:
+        """One evaluation of what the stage evaluates (``eval_module``, else the trained module in eval mode);
+        every rank takes part. Returns the ``eval_*`` record keys."""
+        em = self.stage.eval_module(self.sub, task)
+        if em is not None:
+            return eval_record(self.data.metrics(em, None), "ema")
+        engine.module.eval()
+        try:
+            m = self.data.metrics(engine, self.input_dtype)
+        finally:
+            engine.module.train()
+        return eval_record(m, "trained")
+
+    def run(self, task, engine, state: TrainState, beat: Callable[[str], None]) -> Dict[str, Any]:
+        """Evaluate at ``state.step``; a new best (the same decision on every rank) goes into ``state`` and
+        ``export/best/``. Returns the ``eval_*`` keys of the step's record (``eval_best`` among them)."""
+        beat(f"step {state.step}: evaluation")
+        ev = self.evaluate(task, engine)
+        value = ev[f"eval_{self.best_metric}"]
+        best = state.best_eval is None or value > state.best_eval
+        ev["eval_best"] = bool(best)
+        if best:
+            state.best_eval, state.best_step = value, state.step
+            beat(f"step {state.step}: export/best")
+            sd = export_state_dict(self.stage, self.sub, task, engine, self.zero_stage, self.rank)
+            if self.rank == 0:
+                write_export(self.stage, self.sub, self.plan, task, sd,
+                             storage.join(self.plan.run_url, "export", "best", "model.safetensors"),
+                             {"step": state.step, "metric": self.best_metric, **ev})
+        if self.rank == 0:
+            log.info("[%s] step %d eval: accuracy %.4f  mean class accuracy %.4f  macro-F1 %.4f%s", self.label,
+                     state.step, ev["eval_accuracy"], ev["eval_mean_class_accuracy"], ev["eval_macro_f1"],
+                     "  (best)" if best else "")
+        return ev

@@ -17,6 +17,7 @@ and off elsewhere; an explicit ``true`` is honoured where the machine can do it:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shutil
 from typing import List, Optional, Tuple
@@ -43,23 +44,20 @@ class FastPath:
     why_off: Tuple[Tuple[str, str], ...] = ()     # (switch, reason) for each note, in the same order
 
 
+CPP_COMPILERS = ("g++", "c++", "clang++")    # what torch.compile's CPU backend looks for, unless $CXX names one
+
+
 def compiler_problem(device: str) -> Optional[str]:
-    """Why ``torch.compile`` cannot generate code for ``device`` here (None: it can)."""
+    """Why ``torch.compile`` cannot generate code for ``device`` here (None: it can): triton for CUDA,
+    a C++ compiler (``$CXX``, else one of :data:`CPP_COMPILERS` on the PATH) for the CPU."""
     if device == "cuda":
-        try:
-            from torch.utils._triton import has_triton
-            ok = bool(has_triton())
-        except Exception:  # pragma: no cover - torch layout changed
-            ok = False
-        return None if ok else "triton (torch.compile's GPU code generator) is not installed"
-    try:
-        from torch._inductor import cpp_builder
-        cc = cpp_builder.get_cpp_compiler()
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"no C++ compiler for torch.compile's CPU backend ({e})"
-    if shutil.which(cc) is None and not os.path.isfile(cc):
-        return f"the C++ compiler {cc!r} that torch.compile's CPU backend needs was not found"
-    return None
+        if importlib.util.find_spec("triton") is None:
+            return "triton (torch.compile's GPU code generator) is not installed"
+        return None
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else list(CPP_COMPILERS)
+    if any(shutil.which(n) is not None or os.path.isfile(n) for n in names):
+        return None
+    return f"the C++ compiler ({', '.join(names)}) that torch.compile's CPU backend needs was not found"
 
 
 def resolve(cfg: Config, device: str) -> FastPath:

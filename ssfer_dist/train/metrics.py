@@ -1,4 +1,6 @@
-"""Run metrics (rank 0): ``metrics.jsonl`` + TensorBoard events in the run folder, and a progress line.
+"""Run metrics: :class:`MetricsLogger` owns the cadence (``train.log_every``) and a log step's record on every
+rank; rank 0 writes it (:class:`MetricsLog`: ``metrics.jsonl`` + TensorBoard events in the run folder) and
+logs a progress line.
 
 TensorBoard tags are grouped (:func:`tb_tag`): ``train/…`` (losses, accuracies, lr, the task's metrics),
 ``eval/…`` (evaluation while training, plus ``eval/confusion`` as an image), ``data/…`` (epoch, samples seen,
@@ -21,10 +23,16 @@ import time
 from typing import Any, Dict, Iterable, Optional
 
 from ssfer_dist import storage
+from ssfer_dist.config import Config, to_dict
+from ssfer_dist.distributed import collectives
+from ssfer_dist.evaluate import confusion_png
+from ssfer_dist.plan import LaunchPlan
+from ssfer_dist.train.state import TrainState
+from ssfer_dist.train.step import DeviceMetrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLog", "format_progress", "tb_tag", "flatten"]
+__all__ = ["MetricsLogger", "MetricsLog", "format_progress", "tb_tag", "flatten", "hparams"]
 
 HIDDEN = frozenset({"step", "time", "batch_digest"})          # metrics.jsonl only, never charted
 SYS = frozenset({"steps_per_s", "images_per_s"})
@@ -136,8 +144,6 @@ class MetricsLog:
         import numpy as np
         from PIL import Image
 
-        from ssfer_dist.evaluate import confusion_png
-
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "confusion.png")
             confusion_png(np.asarray(conf), list(names), path, title=f"step {step}")
@@ -153,7 +159,7 @@ class MetricsLog:
         from torch.utils.tensorboard.summary import hparams as hp_summary
 
         exp, ssi, sei = hp_summary(hparams, {m: 0.0 for m in metrics})
-        writer = self._tb._get_file_writer()
+        writer = self._tb.file_writer           # made by the SummaryWriter when it opens
         for summ in (exp, ssi, sei):
             writer.add_summary(summ)
         rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(hparams.items()))
@@ -197,3 +203,69 @@ class MetricsLog:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def hparams(cfg: Config, plan: LaunchPlan) -> Dict[str, Any]:
+    """The run's hyper-parameters for TensorBoard: the config tree (flat keys; ``failure`` housekeeping left
+    out) plus the plan's derived values (``plan.*``)."""
+    out = flatten({k: v for k, v in to_dict(cfg).items() if k != "failure"})
+    for k in ("num_ranks", "global_batch", "effective_lr", "steps_per_epoch", "total_steps", "warmup_steps",
+              "num_samples", "num_classes", "eval_num_samples"):
+        out[f"plan.{k}"] = getattr(plan, k)
+    return out
+
+
+class MetricsLogger:
+    """A run's metrics on one worker: :meth:`should_log` (every ``log_every`` steps and the last), the log
+    step's :meth:`record` (every rank takes part in its reductions) and, on rank 0, :meth:`write` into
+    :class:`MetricsLog` plus the progress line. ``state`` is the run's position at the start (a resumed
+    run's lines after it move to ``metrics_redone.jsonl``)."""
+
+    def __init__(self, cfg: Config, plan: LaunchPlan, rank: int, label: str, state: TrainState) -> None:
+        self.log_every, self.total_steps = int(cfg.train.log_every), plan.total_steps
+        self.global_batch = plan.global_batch
+        self.batches_per_epoch = plan.steps_per_epoch * plan.grad_accum     # micro-batches per epoch per rank
+        self.rank, self.label = rank, label
+        self.corrupt_base = state.corrupt_samples
+        self._t, self._step = time.time(), state.step
+        self.log: Optional[MetricsLog] = None
+        if rank == 0:
+            self.log = MetricsLog(plan.run_url, tensorboard=cfg.train.tensorboard, class_names=plan.class_names)
+            self.log.truncate_after(state.step)
+            self.log.log_hparams(hparams(cfg, plan))
+
+    def should_log(self, step: int) -> bool:
+        return step >= self.total_steps or step % self.log_every == 0
+
+    def record(self, state: TrainState, lr: float, window: DeviceMetrics, corrupt_by_lane: Dict[int, int],
+               batch_digest: int) -> Dict[str, Any]:
+        """The log step's record (the same on every rank): the window's task metrics averaged over ranks (its
+        one host read), throughput since the last log step, the data position and the corrupt samples so far
+        (also set on ``state``). Every rank calls this: it is a collective."""
+        avg = window.read(collectives.all_reduce_sum)
+        state.corrupt_samples = self.corrupt_base + collectives.sum_ints([sum(corrupt_by_lane.values())])[0]
+        now = time.time()
+        sps = (state.step - self._step) / max(now - self._t, 1e-9)
+        self._t, self._step = now, state.step
+        record = {"step": state.step, "lr": lr, "epoch": state.micro_batch / self.batches_per_epoch,
+                  "samples_seen": state.samples_seen, "steps_per_s": sps, "images_per_s": sps * self.global_batch,
+                  "corrupt_samples": state.corrupt_samples, "data_position": state.micro_batch,
+                  "batch_digest": batch_digest, "time": now}
+        record.update(avg)
+        return record
+
+    def write(self, record: Dict[str, Any]) -> None:
+        """Rank 0: the record into ``metrics.jsonl`` / TensorBoard, and the progress line."""
+        if self.log is None:
+            return
+        self.log.write(record)
+        log.info(format_progress(self.label, record["step"], self.total_steps, record["steps_per_s"],
+                                 record["images_per_s"], record.get("loss", float("nan")), record["lr"]))
+
+    def sync(self) -> None:
+        if self.log is not None:
+            self.log.sync()
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()

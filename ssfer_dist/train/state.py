@@ -26,6 +26,13 @@ class TrainState:
     data_order: str = ""             # its data.order ("resampled" / "shards"; "": an older checkpoint)
     virtual_slots: int = 0           # its slots (data.order "shards")
 
+    def advance(self, grad_accum: int, batches_per_epoch: int, global_batch: int) -> None:
+        """One optimizer step taken: ``grad_accum`` micro-batches of this rank, ``global_batch`` samples of all."""
+        self.step += 1
+        self.micro_batch += grad_accum
+        self.data_epoch = self.micro_batch // batches_per_epoch
+        self.samples_seen += global_batch
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
