@@ -126,6 +126,16 @@ def _run(config: str, sets: List[str], env: Dict[str, str], timeout: float) -> s
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def _fault_env(step: int, marker: str) -> Dict[str, str]:
+    """The test suite's fault injector (tests/hooks, a sitecustomize every rank runs) armed for one error on
+    rank 0 at ``step``: the benchmark fails a run the way the tests do, with no hook in the product."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from faultinject import HOOKS, fault_env
+
+    path = os.pathsep.join([HOOKS] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return dict(fault_env(step, 0, "error", marker), PYTHONPATH=os.pathsep.join([ROOT, path]))
+
+
 def real_loop(work: str, smoke: bool, timeout: float) -> Dict[str, Any]:
     """MAE → FaceMix → semi-supervised under torchrun on 1 device, on shards made here."""
     from ssfer_dist.train.debugdata import write_debug_shards
@@ -166,11 +176,11 @@ def real_loop(work: str, smoke: bool, timeout: float) -> Dict[str, Any]:
         if name == "semisup":                     # fail half-way (after a checkpoint), then rerun: it resumes
             every = 5 if smoke else 10
             marker = os.path.join(work, "fault.marker")
-            fail = [f"debug.fail_at_step={every + 2}", "debug.fail_rank=0", f"debug.fail_marker={marker}"]
-            p = _run(cfg, sets + fail, env, timeout)
+            fail_env = dict(env, **_fault_env(every + 2, marker))
+            p = _run(cfg, sets, fail_env, timeout)
             st["injected_failure_exit"] = p.returncode
             st["failed_as_planned"] = p.returncode == 1 and "injected fault" in p.stderr
-            p = _run(cfg, sets + fail, env, timeout)
+            p = _run(cfg, sets, fail_env, timeout)
             log_path = os.path.join(runs, run_name, "logs", "ssfer.log")
             log_text = open(log_path).read() if os.path.exists(log_path) else ""
             st["resumed"] = f"resumed at step {every}" in (p.stderr + p.stdout + log_text)
