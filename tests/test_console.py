@@ -1,6 +1,7 @@
 """What a newcomer sees: only our lines on the console, everything else in the run's log files; help texts.
 
-Unit tests drive :mod:`ssfer_dist.console` with log records and reported metrics records; the slow test runs ``ssfer run configs/debug_cpu_pretrain.yaml`` as a user would, with stdout and
+Unit tests drive :mod:`ssfer_dist.console` with log records and reported metrics records; the slow test
+runs ``ssfer run configs/debug_cpu_pretrain.yaml`` as a user would, with stdout and
 stderr redirected to a file, and counts the lines that are not ours (there must be none).
 """
 from __future__ import annotations

@@ -78,8 +78,8 @@ def test_two_ranks_fail_then_resume_with_identical_batches(tmp_path):
 def test_outside_torchrun_the_entry_point_says_how_to_start_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    p = subprocess.run([sys.executable, "-m", "ssfer_dist.launchers.torchrun", PRETRAIN, "--set", f"run.storage={tmp_path}"],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    p = subprocess.run([sys.executable, "-m", "ssfer_dist.launchers.torchrun", PRETRAIN, "--set",
+                        f"run.storage={tmp_path}"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert p.returncode == 2, p.stderr
     line = p.stderr.strip().splitlines()[-1]
     assert "not started by torchrun" in line and "--launcher torchrun" in line, line
