@@ -170,8 +170,11 @@ def log_file(run_url: str, name: str = "ssfer.log") -> Iterator[str]:
     if remote:
         local = os.path.join(tempfile.mkdtemp(prefix="ssfer-log-"), name)
         url: Optional[str] = storage.join(run_url, "logs", name)
-        if storage.exists(url):
-            storage.get_file(url, local)
+        try:
+            if storage.exists(url):
+                storage.get_file(url, local)
+        except Exception as e:  # the run does not depend on its earlier log lines
+            logging.getLogger(__name__).warning("could not read the earlier log %s: %s", url, e)
     else:
         local = os.path.join(os.path.abspath(run_url), "logs", name)
         url = None
