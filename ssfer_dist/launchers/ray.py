@@ -22,6 +22,7 @@ import socket
 import tempfile
 import threading
 import time
+import traceback
 from typing import Any, Dict, List, Optional
 
 from ssfer_dist import console, storage
@@ -410,6 +411,7 @@ class RayLauncher(Launcher):
         except UserError as e:
             log.warning("could not sweep incomplete checkpoints: %s", e)
         if error is not None:
+            log.debug("[%s] the run's error in full:\n%s", label, "".join(traceback.format_exception(error)))
             why = faults.one_line(error, faults.read_causes(plan.run_url, launched))
             log.info("[%s] full log of the failed run: %s (workers: worker-<rank>.log beside it)", label, log_path)
             raise faults.RunFailed(f"run {cfg.run.name} failed: {why}") from error
