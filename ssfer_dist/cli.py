@@ -1,7 +1,7 @@
 """ssfer: train, evaluate and use facial-expression models (run | pipeline | evaluate | predict | export | demo).
 
 argparse lives here only; every subcommand hands plain values to a function in the module that
-owns the work (imported lazily so ``ssfer --help`` stays fast and ray/deepspeed load only when used).
+owns the work (training goes through :mod:`ssfer_dist.launchers`; ray and deepspeed load only when used).
 Each handler returns a process exit code. Errors meant for the user are raised as ``UserError``
 (one line, non-zero exit, no traceback). ``-q`` / ``-v`` set what the console shows
 (:mod:`ssfer_dist.console`); the full log of a run is in its run folder either way.
@@ -13,7 +13,13 @@ import sys
 from typing import List, Optional
 
 
+from ssfer_dist import console, launchers
+from ssfer_dist.demo import demo_cli
 from ssfer_dist.errors import UserError, run_command
+from ssfer_dist.evaluate import evaluate_cli
+from ssfer_dist.export import export_cli
+from ssfer_dist.predict import predict_cli
+from ssfer_dist.sweep import sweep_from_cli
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -32,9 +38,7 @@ def _add_run(sub) -> None:
 
 
 def _cmd_run(a) -> int:
-    from ssfer_dist.distributed.launch import run_from_cli
-
-    return run_from_cli(a.config, a.overrides, dry_run=a.dry_run, launcher=a.launcher)
+    return launchers.run_from_cli(a.config, a.overrides, dry_run=a.dry_run, launcher=a.launcher)
 
 
 def _add_pipeline(sub) -> None:
@@ -49,9 +53,7 @@ def _add_pipeline(sub) -> None:
 
 
 def _cmd_pipeline(a) -> int:
-    from ssfer_dist.distributed.launch import pipeline_from_cli
-
-    return pipeline_from_cli(a.config, a.overrides, dry_run=a.dry_run)
+    return launchers.pipeline_from_cli(a.config, a.overrides, dry_run=a.dry_run)
 
 
 def _add_sweep(sub) -> None:
@@ -66,8 +68,6 @@ def _add_sweep(sub) -> None:
 
 
 def _cmd_sweep(a) -> int:
-    from ssfer_dist.sweep import sweep_from_cli
-
     return sweep_from_cli(a.config, a.overrides, table_only=a.table_only)
 
 
@@ -85,8 +85,6 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(a) -> int:
-    from ssfer_dist.evaluate import evaluate_cli
-
     return evaluate_cli(weights=a.weights, shards=a.shards, out=a.out, batch_size=a.batch_size, use_ray=a.ray,
                         max_member_bytes=a.max_member_bytes)
 
@@ -105,8 +103,6 @@ def _add_predict(sub) -> None:
 
 
 def _cmd_predict(a) -> int:
-    from ssfer_dist.predict import predict_cli
-
     return predict_cli(weights=a.weights, inputs=a.inputs, as_json=a.json, annotate=a.annotate,
                        detector=a.detector, margin=a.margin)
 
@@ -121,8 +117,6 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(a) -> int:
-    from ssfer_dist.export import export_cli
-
     return export_cli(weights=a.weights, fmt=a.format, out=a.out)
 
 
@@ -139,8 +133,6 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(a) -> int:
-    from ssfer_dist.demo import demo_cli
-
     return demo_cli(out=a.out, quick=a.quick, seed=a.seed, num_workers=a.workers, launcher=a.launcher)
 
 
@@ -200,19 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ssfer_dist import console
-    from ssfer_dist.startup import relax_gc
-
-    relax_gc()                         # the driver's imports (ssfer_dist.startup)
-
     args = build_parser().parse_args(argv)
     console.setup(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
-    from ssfer_dist.distributed import localray
-
-    before = localray.current_private()
+    before = launchers.local_ray_started()
     rc = run_command("ssfer", args)
-    if localray.current_private() not in (None, before):     # a local Ray this command started: shut it down,
-        kept = localray.finish(ok=rc == 0)                    # its temp folder removed after success
+    if launchers.local_ray_started() not in (None, before):  # a local Ray this command started: shut it down,
+        kept = launchers.finish_local_ray(ok=rc == 0)         # its temp folder removed after success
         if kept and rc != 0:
             print(f"ssfer {args.command}: the local Ray's own logs are in {kept}", file=sys.stderr)
     return rc

@@ -5,23 +5,20 @@ Driver side (the ``ssfer`` process):
 - :func:`setup` puts one handler on the root logger. The console gets the records of our own loggers
   (``ssfer_dist``, ``sharding``) at INFO (``-q``: WARNING; ``-v``: every record, ours at DEBUG);
   every record goes to the open log files (:func:`log_file`), or to a bounded buffer until one opens.
-  Python warnings go through logging (``py.warnings``), so they land in the file too.
-- :func:`route_ray_output` replaces Ray's printer of worker output on the driver (``log_to_driver``):
-  lines that rank 0 marked as ours (:data:`MARK`) are shown, stripped of the marker and of Ray's
-  ``(RayTrainWorker pid=…)`` prefix; every other line of every Ray process (Train controller, library
-  warnings, C++ ``core_worker`` messages, …) goes to the log file only (``-v``: also to the console).
+  Python warnings go through logging (``py.warnings``), so they land in the file too. Ray's driver-side
+  loggers are handed to the same handler (:func:`adopt_library_loggers`).
+- Worker output never reaches the driver (the launcher starts Ray with ``log_to_driver=False``): the
+  driver prints progress from the metrics the workers report (:func:`report_lines`), in the stage it is
+  told about by :func:`stage` (``[2/4 scratch] step 100/700 … ETA 0:01:10 (all ~0:05:20)``).
 - ANSI colour codes are never written to a file, and only reach the console when it is a terminal.
-- :func:`stage` tells the console which stage of how many is running: progress lines from the workers
-  come out as ``[2/4 scratch] step 100/700 … ETA 0:01:10 (all ~0:05:20)``.
 
-Worker side: :func:`worker_logging` makes rank 0's ``ssfer_dist`` records print as marked lines on the
-worker's stdout (Ray forwards them to the driver); other ranks' records go to the log file only.
+Worker side: :func:`worker_setup` sends every record of the worker process (ours and the libraries') to
+the log files it opens with :func:`log_file` (``<run>/logs/worker-<rank>.log``), and none to the console.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import math
 import os
@@ -32,12 +29,13 @@ import threading
 import time
 from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
-__all__ = ["MARK", "setup", "log_file", "route_ray_output", "worker_logging", "stage", "is_ours",
-           "strip_ansi", "QUIET", "NORMAL", "VERBOSE"]
+from ssfer_dist import storage
+
+__all__ = ["setup", "worker_setup", "adopt_library_loggers", "log_file", "stage", "is_ours", "strip_ansi",
+           "format_progress", "progress_text", "report_lines", "QUIET", "NORMAL", "VERBOSE"]
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 OURS = ("ssfer_dist", "sharding", "__main__")
-MARK = "::ssfer:"            # worker lines: "::ssfer:INFO::text" or "::ssfer:PROGRESS::{json}"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 _BUFFER_LINES = 20000
 
@@ -58,6 +56,7 @@ class _State:
         self.buffer: Deque[str] = collections.deque(maxlen=_BUFFER_LINES)
         self.stage: Optional["_Stage"] = None
         self.installed = False
+        self.console = True                 # a worker process writes to its log files only
 
 
 _S = _State()
@@ -113,7 +112,7 @@ class _Handler(logging.Handler):
                 show, text = True, f"{_stamp()} {prefix}{msg}"
             else:
                 show = False
-            if show:
+            if show and _S.console:
                 _to_console(text)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
@@ -133,14 +132,22 @@ def setup(verbosity: int = NORMAL) -> None:
     for name in OURS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= VERBOSE else logging.INFO)
     logging.captureWarnings(True)
-    if "ray" in sys.modules:           # imported before us: its loggers keep their own stderr handler otherwise
-        _adopt_ray_loggers()
-    # the workers print their Ray prefix without colour; Ray's own record of it stays plain
-    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    adopt_library_loggers()
 
 
-def _adopt_ray_loggers() -> None:
-    """Ray gives its ``ray`` logger a stderr handler of its own; route it through ours instead."""
+def worker_setup() -> None:
+    """In a training worker process: every record (ours and the libraries', INFO and above) to the log files
+    opened with :func:`log_file`, nothing to the console (the driver prints the reported progress)."""
+    setup(NORMAL)
+    _S.console = False
+    adopt_library_loggers()
+
+
+def adopt_library_loggers() -> None:
+    """Ray gives its ``ray`` logger a stderr handler of its own; route it through ours instead (call again
+    after importing Ray: its loggers are configured at import)."""
+    if not _S.installed or "ray" not in sys.modules:
+        return
     for name in ["ray"] + [n for n in logging.root.manager.loggerDict if n.startswith("ray.")]:
         lg = logging.getLogger(name)
         mine = [h for h in lg.handlers if isinstance(h, logging.StreamHandler)
@@ -157,13 +164,17 @@ def log_file(run_url: str, name: str = "ssfer.log") -> Iterator[str]:
 
     Nested blocks write to all open files (the demo's log has every stage; each run folder has its own).
     Lines logged before the first file opened are written into it. An ``s3://`` run folder gets the
-    file uploaded when the block ends. Yields the path or URL of the file."""
-    from ssfer_dist import storage
-
+    file uploaded when the block ends (appended to the one there: a restarted worker keeps the earlier
+    attempt's lines). Yields the path or URL of the file."""
     remote = storage.is_s3(run_url)
     if remote:
         local = os.path.join(tempfile.mkdtemp(prefix="ssfer-log-"), name)
         url: Optional[str] = storage.join(run_url, "logs", name)
+        try:
+            if storage.exists(url):
+                storage.get_file(url, local)
+        except Exception as e:  # the run does not depend on its earlier log lines
+            logging.getLogger(__name__).warning("could not read the earlier log %s: %s", url, e)
     else:
         local = os.path.join(os.path.abspath(run_url), "logs", name)
         url = None
@@ -230,10 +241,18 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def progress_text(p: Dict[str, Any]) -> str:
-    """A worker's progress record as the console shows it (stage k of N and the overall ETA when known)."""
-    from ssfer_dist.train.metrics import format_progress
+def format_progress(stage: str, step: int, total: int, steps_per_s: float, images_per_s: float,
+                    loss: float, lr: float) -> str:
+    """``[mae] step 40/200  3.10 steps/s  396.8 img/s  loss 0.8123  lr 1.20e-04  ETA 0:00:52``."""
+    eta = (total - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+    return (f"[{stage}] step {step}/{total}  {steps_per_s:.2f} steps/s  {images_per_s:.1f} img/s  "
+            f"loss {loss:.4f}  lr {lr:.2e}  ETA {eta_s}")
 
+
+def progress_text(p: Dict[str, Any]) -> str:
+    """A progress record (label, step, total, sps, ips, loss, lr) as the console shows it (stage k of N and the
+    overall ETA when known)."""
     st = _S.stage
     label = p.get("label", "?")
     text = format_progress(label, int(p["step"]), int(p["total"]), float(p["sps"]), float(p["ips"]),
@@ -252,117 +271,18 @@ def progress_text(p: Dict[str, Any]) -> str:
     return text
 
 
-# ------------------------------------------------------------------------------------------ Ray output
 
 
-def _ray_line(data: Dict[str, Any], line: str) -> None:
-    if line.startswith(MARK):
-        kind, _, body = line[len(MARK):].partition("::")
-        if kind == "PROGRESS":
-            try:
-                text = progress_text(json.loads(body))
-            except (ValueError, KeyError, TypeError):
-                text = body
-            level = logging.INFO
-        else:
-            text = body
-            level = getattr(logging, kind, logging.INFO)
-        _to_files(f"{_stamp(ms=True)} [rank 0] {text}")
-        if _S.verbosity >= VERBOSE or level >= (logging.WARNING if _S.verbosity == QUIET else logging.INFO):
-            prefix = "" if level < logging.WARNING else logging.getLevelName(level).lower() + ": "
-            _to_console(f"{_stamp()} {prefix}{text}")
-        return
-    who = data.get("actor_name") or data.get("task_name") or ""
-    text = f"{_stamp(ms=True)} ({who + ' ' if who else ''}pid={data.get('pid')}) {line}"
-    _to_files(text)
-    if _S.verbosity >= VERBOSE:
-        _to_console(text)
-
-
-def _ray_handler(data: Dict[str, Any]) -> None:
-    lines = data.get("lines", [])
-    if data.get("pid") == "autoscaler":     # Ray's own printer keeps only the autoscaler's events, not its status
-        try:
-            from ray._private.worker import filter_autoscaler_events
-
-            lines = list(filter_autoscaler_events(lines))
-        except Exception:  # pragma: no cover - Ray moved it
-            lines = []
-    for line in lines:
-        try:
-            _ray_line(data, line)
-        except Exception:  # pragma: no cover - never lose the log thread to a bad line
-            _to_files(str(line))
-
-
-def route_ray_output() -> None:
-    """After ``ray.init(log_to_driver=True)``: worker output to the log file, rank 0's marked lines to the
-    console. Also hands Ray's own driver loggers to our handler. Idempotent; a no-op unless :func:`setup`
-    ran (library use and tests keep Ray's own printer)."""
-    if not _S.installed:
-        return
-    _adopt_ray_loggers()
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as disp
-    except ImportError:  # pragma: no cover - Ray moved it: its own printer stays
-        return
-    # Ray registers its printer under this name and removes it by name in ray.shutdown()
-    disp.remove_handler("ray_print_logs")
-    disp.add_handler("ray_print_logs", _ray_handler)
-    # the driver's error listener ("(raylet) A worker died …") prints through this module function
-    import ray._private.worker as ray_worker
-
-    if getattr(ray_worker, "print_to_stdstream", None) is not _print_to_stdstream:
-        ray_worker.print_to_stdstream = _print_to_stdstream
-
-
-def _print_to_stdstream(data: Dict[str, Any], ignore_prefix: bool = False) -> None:
-    """Stands in for ``ray._private.worker.print_to_stdstream`` (same arguments)."""
-    _ray_handler(data)
-
-
-def prepare_ray_import() -> None:
-    """Before ``ray.init``: Ray's driver loggers go through our handler (its start-up lines land in the file)."""
-    import ray  # noqa: F401  (importing ray configures its loggers; adopt them afterwards)
-
-    if _S.installed:
-        _adopt_ray_loggers()
-
-
-# ------------------------------------------------------------------------------------------ workers
-
-
-class _MarkHandler(logging.Handler):
-    """Rank 0's ``ssfer_dist`` records as marked lines on the worker's stdout (forwarded by Ray)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            p = getattr(record, "ssfer_progress", None)
-            if p is not None:
-                line = f"{MARK}PROGRESS::{json.dumps(p, sort_keys=True)}"
-            else:
-                msg = record.getMessage()
-                if record.exc_info:
-                    msg += " | " + logging.Formatter().formatException(record.exc_info).replace("\n", " | ")
-                line = f"{MARK}{record.levelname}::{msg}"
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-        except Exception:  # pragma: no cover
-            self.handleError(record)
-
-
-def worker_logging(rank: int) -> None:
-    """Called first thing in each Ray Train worker: rank 0's ``ssfer_dist`` records reach the console
-    (marked), other ranks' only the log file; library warnings stay in the log file."""
-    lg = logging.getLogger("ssfer_dist")
-    lg.setLevel(logging.INFO)
-    for h in list(lg.handlers):
-        if isinstance(h, _MarkHandler):
-            lg.removeHandler(h)
-    if rank == 0:
-        lg.addHandler(_MarkHandler())
-        lg.propagate = False
-    else:
-        lg.propagate = True
-    if not logging.getLogger().handlers:    # outside Ray Train (tests): plain stderr for the rest
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def report_lines(label: str, total: int, record: Dict[str, Any]) -> List[str]:
+    """The console lines of one reported metrics record (a log step's: step, steps_per_s, images_per_s, loss,
+    lr, and eval_* after an evaluation)."""
+    sps = float(record.get("steps_per_s", 0.0))
+    lines = [progress_text({"label": label, "step": int(record["step"]), "total": int(total), "sps": sps,
+                            "ips": float(record.get("images_per_s", 0.0)),
+                            "loss": float(record.get("loss", float("nan"))), "lr": float(record.get("lr", 0.0))})]
+    if "eval_accuracy" in record:
+        lines.append(f"[{label}] step {int(record['step'])} eval: accuracy {float(record['eval_accuracy']):.4f}  "
+                     f"mean class accuracy {float(record.get('eval_mean_class_accuracy', float('nan'))):.4f}  "
+                     f"macro-F1 {float(record.get('eval_macro_f1', float('nan'))):.4f}"
+                     + ("  (best)" if record.get("eval_best") else ""))
+    return lines

@@ -8,7 +8,7 @@
 2. The shard builder (``sharding.build.run_build`` — what ``ssfer-shard build`` runs) shards both;
    ``sharding.split.split_shards`` (``ssfer-shard split``) keeps a small labeled fraction per class and
    turns the rest of the FER train set into the unlabeled remainder.
-3. Five training runs through ``ssfer_dist.distributed.launch.run_stage`` (what ``ssfer run`` runs: Ray Train
+3. Five training runs through ``ssfer_dist.launchers.run_config`` (what ``ssfer run`` runs: Ray Train
    TorchTrainer + DeepSpeed ZeRO-2 on CPU, 2 gloo workers): MAE pretraining on the unlabeled faces;
    FaceMix fine-tuning of the MAE encoder on the labeled fraction; semi-supervised fine-tuning (EMA
    teacher, fixed threshold) on labeled + unlabeled; a supervised-from-scratch baseline with the
@@ -39,6 +39,7 @@ from typing import Any, Dict, Optional
 from sharding.build import BuildConfig, run_build
 from sharding.split import split_shards
 from ssfer_dist.errors import UserError
+from ssfer_dist.launchers import planned_steps, run_config
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,6 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
     count = len(names) + 2                   # data, five trainings, evaluation
     with console.stage(1, count, "synthetic data and shards"):
         urls = make_data(seed_dir, plan, seed)
-    # torch / Ray imports after the data stage: the first lines appear at once
-    from ssfer_dist.distributed.launch import planned_steps, run_config
     from ssfer_dist.evaluate import evaluate_shards, write_outputs
 
     t_data = time.time() - t_start

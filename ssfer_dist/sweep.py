@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ssfer_dist import storage
+from ssfer_dist.launchers import run_config
 from ssfer_dist.typed import ConfigError
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,6 @@ def _stage_config(sw: SweepCfg, m: SweepModel, f: float, k: int, split: str, exp
 def run_sweep(sw: SweepCfg) -> Dict[str, Any]:
     """Every cell not yet finished, then the table. Returns the summary (also ``<sweep>/summary.json``)."""
     from sharding.split import split_shards
-    from ssfer_dist.distributed.launch import run_config
     from ssfer_dist.evaluate import evaluate_shards
 
     root = storage.join(sw.storage, sw.name)

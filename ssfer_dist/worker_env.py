@@ -17,6 +17,8 @@ import os
 import re
 from typing import Dict, Iterable, Mapping, Optional
 
+from ssfer_dist.errors import UserError
+
 __all__ = ["SECRET_ENV", "is_secret_name", "non_secret_env", "missing_credentials_hint", "check_s3_credentials"]
 
 # Never forwarded (the names of every credential this project's storage layer can read).
@@ -48,8 +50,6 @@ def check_s3_credentials(where: str) -> None:
     """Raise a one-line ``UserError`` when this process can find no S3 credentials (the usual cause: a Ray
     started before the credentials were exported, or nodes whose environment lacks them)."""
     import boto3
-
-    from ssfer_dist.errors import UserError
 
     if boto3.Session().get_credentials() is None:
         raise UserError(f"{where}: no S3 credentials in this Ray worker's environment. {missing_credentials_hint()}")

@@ -175,9 +175,7 @@ def ray_local(s3_server):
 
     if not ray.is_initialized():
         # address="local": a new instance even when a `ray start` cluster runs on this machine
-        # the workers' start-up hook of a private instance (ssfer_dist.startup): the same start-up as `ssfer run`
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-                 log_to_driver=True, ignore_reinit_error=True,
-                 runtime_env={"worker_process_setup_hook": "ssfer_dist.startup.relax_gc"})
+                 log_to_driver=True, ignore_reinit_error=True)
     yield ray
     ray.shutdown()

@@ -37,7 +37,7 @@ def main() -> int:
 
     from ssfer_dist import storage
     from ssfer_dist.config import load_config
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import ensure_ray, run_stage
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
@@ -53,8 +53,6 @@ def main() -> int:
 
     # Ray's Cluster starts nodes with signal handlers (main thread only): the run goes to a thread, the
     # node loss is injected from here
-    from ssfer_dist.distributed.launch import ensure_ray
-
     ensure_ray(cfg)
     result = {}
 

@@ -45,7 +45,7 @@ def test_a_write_during_an_outage_lands_once_the_server_is_back(tmp_path, monkey
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="flaky")
-        from ssfer_dist.distributed.launch import _storage_args
+        from ssfer_dist.launchers.ray import _storage_args
 
         args = _storage_args("s3://flaky/runs", 90.0)
         fs = pickle.loads(pickle.dumps(args["storage_filesystem"]))     # as Ray's controller receives it

@@ -460,7 +460,7 @@ def check_entrypoint(job, env):
     if argv[1] == "run":
         _check_fits(name, job, C.load_config(ns.config, ns.overrides))
     else:
-        from ssfer_dist.distributed.launch import pipeline_configs
+        from ssfer_dist.launchers import pipeline_configs
 
         for cfg in pipeline_configs(ns.config, ns.overrides):
             _check_fits(f"{name}/{cfg.train.stage}", job, cfg)

@@ -1,13 +1,12 @@
-"""What a newcomer sees: only our lines on the console, everything else in the run's log file; help texts.
+"""What a newcomer sees: only our lines on the console, everything else in the run's log files; help texts.
 
-Unit tests drive :mod:`ssfer_dist.console` with records and Ray log batches as Ray's driver hands them
-over; the slow test runs ``ssfer run configs/debug_cpu_pretrain.yaml`` as a user would, with stdout and
+Unit tests drive :mod:`ssfer_dist.console` with log records and reported metrics records; the slow test
+runs ``ssfer run configs/debug_cpu_pretrain.yaml`` as a user would, with stdout and
 stderr redirected to a file, and counts the lines that are not ours (there must be none).
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -48,54 +47,51 @@ def _lines(buf):
     return [x for x in buf.getvalue().splitlines() if x]
 
 
-def test_only_our_records_and_marked_worker_lines_reach_the_console(captured):
+def test_only_our_records_reach_the_console(captured):
     buf, path = captured
-    logging.getLogger("ssfer_dist.distributed.launch").info("[mae] run x: 2 workers")
+    logging.getLogger("ssfer_dist.launchers.ray").info("[mae] run x: 2 workers")
     logging.getLogger("ray.train").info("Requesting resources: {'CPU': 1.0} * 2")
     logging.getLogger("deepspeed").warning("DeepSpeed op built successfully")
+    logging.getLogger("ray").info("\x1b[36mcoloured\x1b[0m library line")
     import warnings
 
     warnings.warn("`all_gather_into_tensor` is deprecated", FutureWarning, stacklevel=1)
-    console._ray_handler({"pid": 123, "actor_name": "TrainController", "is_err": True, "lines": [
-        "Attempting to start training worker group of size 2",
-        "[2026-12-02 08:31:30,248 E 18932 18999] core_worker.cc:2465: Actor with class name ...",
-        "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'step': 5})",
-        "\x1b[36mcoloured\x1b[0m library line",
-    ]})
-    console._ray_handler({"pid": 124, "actor_name": "RayTrainWorker", "is_err": False, "lines": [
-        console.MARK + "INFO::[mae] weights: /runs/x/export/model.safetensors",
-        console.MARK + "PROGRESS::" + json.dumps({"label": "scratch", "step": 5, "total": 30, "sps": 2.0,
-                                                   "ips": 64.0, "loss": 1.5, "lr": 1e-3}),
-    ]})
     shown = _lines(buf)
-    assert len(shown) == 3, shown
-    assert all(OUR_LINE.match(x) for x in shown), shown
-    assert "[mae] run x" in shown[0] and "weights: /runs/x" in shown[1]
-    assert "[scratch] step 5/30" in shown[2] and "loss 1.5000" in shown[2]
+    assert len(shown) == 1 and OUR_LINE.match(shown[0]) and "[mae] run x" in shown[0], shown
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    for needle in ("Requesting resources", "built successfully", "FutureWarning", "core_worker.cc",
-                   "Reporting training result 1", "(TrainController pid=123)", "coloured library line",
-                   "[mae] run x", "[scratch] step 5/30"):
+    for needle in ("Requesting resources", "built successfully", "FutureWarning", "coloured library line",
+                   "[mae] run x"):
         assert needle in text, needle
     assert "\x1b" not in text and "\x1b" not in buf.getvalue()
 
 
-def test_ray_error_listener_lines_go_to_the_file(captured):
-    """Ray's driver thread that relays raylet errors prints through ``print_to_stdstream``."""
-    import ray._private.worker as ray_worker
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as disp
+def test_reported_records_become_progress_and_eval_lines(captured):
+    buf, _ = captured
+    rec = {"step": 5, "steps_per_s": 2.0, "images_per_s": 64.0, "loss": 1.5, "lr": 1e-3, "eval_accuracy": 0.5,
+           "eval_mean_class_accuracy": 0.25, "eval_macro_f1": 0.2, "eval_best": True}
+    lines = console.report_lines("scratch", 30, rec)
+    assert lines[0].startswith("[scratch] step 5/30") and "loss 1.5000" in lines[0] and "64.0 img/s" in lines[0]
+    assert lines[1] == ("[scratch] step 5 eval: accuracy 0.5000  mean class accuracy 0.2500  macro-F1 0.2000"
+                        "  (best)")
+    assert len(console.report_lines("scratch", 30, {"step": 6, "steps_per_s": 2.0, "loss": 1.0})) == 1
 
-    buf, path = captured
-    original, handlers = ray_worker.print_to_stdstream, list(disp.handlers)
+
+def test_a_worker_writes_everything_to_its_log_file_and_nothing_to_the_console(tmp_path, monkeypatch,
+                                                                                 restore_logging):
+    buf = io.StringIO()
+    monkeypatch.setattr(console, "_console_stream", lambda: buf)
     try:
-        console.route_ray_output()
-        ray_worker.print_to_stdstream({"lines": ["A worker died or was killed while executing a task"],
-                                       "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        console.worker_setup()
+        with console.log_file(str(tmp_path), "worker-1.log") as path:
+            logging.getLogger("ssfer_dist.train.loop").info("rank 1 resumed at step 8")
+            logging.getLogger("deepspeed").warning("a library line")
     finally:
-        ray_worker.print_to_stdstream, disp.handlers = original, handlers
-    assert _lines(buf) == []
-    assert "(pid=raylet) A worker died" in open(path, encoding="utf-8").read()
+        console._S.console = True
+    assert buf.getvalue() == ""
+    text = open(path, encoding="utf-8").read()
+    assert path == str(tmp_path / "logs" / "worker-1.log")
+    assert "rank 1 resumed at step 8" in text and "a library line" in text
 
 
 def test_quiet_and_verbose(captured):
@@ -103,11 +99,11 @@ def test_quiet_and_verbose(captured):
     console.setup(console.QUIET)
     logging.getLogger("ssfer_dist.x").info("progress")
     logging.getLogger("ssfer_dist.x").warning("disk almost full")
-    console._ray_handler({"pid": 1, "lines": [console.MARK + "INFO::step line", "library line"]})
+    logging.getLogger("ray.train").info("library line")
     assert [x.split(" ", 1)[1] for x in _lines(buf)] == ["warning: disk almost full"]
     console.setup(console.VERBOSE)
-    console._ray_handler({"pid": 1, "actor_name": "RayTrainWorker", "lines": ["library line"]})
-    assert "(RayTrainWorker pid=1) library line" in _lines(buf)[-1]
+    logging.getLogger("ray.train").info("library line")
+    assert "INFO ray.train: library line" in _lines(buf)[-1]
 
 
 def test_stage_prefix_and_overall_eta(captured):
@@ -191,8 +187,9 @@ def _debug_run_in_own_tmp(tmp_path, sets, **run_kw):
 
 @pytest.mark.slow
 def test_debug_run_console_has_only_our_lines(tmp_path):
-    """``ssfer run configs/debug_cpu_pretrain.yaml > out.txt 2>&1``: every line is ours, no ANSI; the
-    libraries' lines are in ``<run>/logs/ssfer.log``; the private Ray's temp folder is gone afterwards."""
+    """``ssfer run configs/debug_cpu_pretrain.yaml > out.txt 2>&1``: every line is ours, no ANSI, the progress
+    printed from the reported metrics; Ray's driver lines are in ``<run>/logs/ssfer.log``, each worker's lines
+    (ours and the libraries') in ``<run>/logs/worker-<rank>.log``; the private Ray's temp folder is gone."""
     from ssfer_dist.train.debugdata import write_debug_shards
 
     shards = write_debug_shards(str(tmp_path / "shards"))
@@ -212,14 +209,18 @@ def test_debug_run_console_has_only_our_lines(tmp_path):
     assert not_ours == [], not_ours
     assert "\x1b" not in text
     assert sum("] step " in x for x in lines) == 2, lines
-    log = (tmp_path / "runs" / "debug-pretrain" / "logs" / "ssfer.log").read_text()
-    assert "TrainController" in log and "RayTrainWorker" in log
-    assert "deepspeed_shm_comm" not in log           # the CPU shm op is not built any more
+    logs = tmp_path / "runs" / "debug-pretrain" / "logs"
+    log = (logs / "ssfer.log").read_text()
+    assert "started a private local Ray" in log and "] step 4/4" in log
+    workers = [(logs / f"worker-{r}.log").read_text() for r in (0, 1)]
+    assert "] step 4/4" in workers[0] and "fast path" in workers[0]
+    assert workers[1].strip(), "rank 1 wrote no log lines"
+    assert "deepspeed_shm_comm" not in log + "".join(workers)     # the CPU shm op is not built any more
 
 
 def test_a_bad_input_under_a_private_ray_is_one_line_and_leaves_nothing(tmp_path):
-    """The pre-flight runs beside the local Ray's start: a missing manifest is still the one-line error,
-    exit 2, and the Ray started for nothing is shut down with its temp folder removed."""
+    """The inputs are checked before Ray starts: a missing manifest is the one-line error, exit 2, and no Ray
+    (no temp folder) was started for nothing."""
     p, _, left = _debug_run_in_own_tmp(tmp_path, ["--set", f"data.shards={tmp_path / 'nowhere'}"],
                                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]

@@ -57,7 +57,7 @@ def launcher_ray(s3_server, monkeypatch):
 
 
 def test_mae_zero2_on_s3_loss_falls(launcher_ray, shards, s3_bucket):
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
 
     cfg = _cfg("mae-z2", shards, f"{s3_bucket}/runs",
                ["train.zero_stage=2", "train.log_every=5", "run.ray_dashboard=true"])   # its endpoints are searched
@@ -88,7 +88,7 @@ def test_mae_zero2_on_s3_loss_falls(launcher_ray, shards, s3_bucket):
 
 
 def test_mae_zero3_survives_a_killed_worker(ray_local, shards, tmp_path):
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
 
     marker = tmp_path / "fault.marker"
     cfg = _cfg("mae-z3", shards, str(tmp_path / "runs"),
@@ -118,7 +118,7 @@ def test_elastic_resume_on_ray_from_s3_2_workers_to_1(ray_local, shards, s3_buck
     """Under Ray with the run on S3 (no shared disk): a 2-worker run (``data.order=shards``) fails at step 10,
     is rerun under the same name with 1 worker and ``grad_accum`` 2, resumes from the S3 checkpoint 8 through
     DeepSpeed's universal checkpoint, and logs the losses of an uninterrupted 2-worker run (1e-5 relative)."""
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
 
     base = ["train.zero_stage=2", "train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4",
             "failure.max_failures=0", "train.preview_every=0", "data.order=shards", "data.virtual_slots=4"]
@@ -137,7 +137,7 @@ def test_elastic_resume_on_ray_from_s3_2_workers_to_1(ray_local, shards, s3_buck
 
 
 def test_rerun_with_same_name_resumes(ray_local, shards, tmp_path):
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
 
     marker = tmp_path / "fault.marker"
     ov = ["train.zero_stage=2", "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=8",
@@ -159,7 +159,7 @@ def test_rerun_with_same_name_resumes(ray_local, shards, tmp_path):
 
 
 def test_three_debug_stages_chain_through_exports(ray_local, shards, tmp_path):
-    from ssfer_dist.distributed.launch import run_pipeline
+    from ssfer_dist.launchers import run_pipeline
     from ssfer_dist.models.io import classifier_from_weights, load_weights
 
     ov = [f"storage={tmp_path / 'runs'}",
@@ -198,7 +198,7 @@ def test_linear_probe_on_ray_exports_an_evaluable_classifier(ray_local, shards, 
     plain classifier that ``ssfer evaluate`` scores."""
     import torch
 
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
     from ssfer_dist.evaluate import evaluate_shards
     from ssfer_dist.models.io import load_weights, save_weights
     from ssfer_dist.models.mae import build_mae
@@ -237,7 +237,7 @@ def test_bad_inputs_fail_before_any_worker(shards, tmp_path, s3_server, monkeypa
     shutil.copytree(shards["fr"], broken)
     os.remove(sorted(broken.glob("*.tar"))[1])
     with pytest.raises(UserError, match=r"data.shards: shard .*fr-000001.tar .* is missing"):
-        from ssfer_dist.distributed.launch import preflight
+        from ssfer_dist.launchers import preflight
 
         preflight(load_config(os.path.join(CONFIGS, "debug_cpu_pretrain.yaml"), [f"data.shards={broken}"]))
     assert main(base + ["--set", f"data.shards={broken}"]) == 2
@@ -324,7 +324,7 @@ def test_eval_while_training_facemix_ema_then_semisup_zero3(ray_local, shards, t
     weights in export/best/ — and the distributed evaluation agrees with ``ssfer evaluate`` on the exported
     weights. FaceMix evaluates its model EMA; the semi-supervised student under ZeRO-3 is evaluated through the
     engine (every rank forwards the same number of batches)."""
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
     from ssfer_dist.evaluate import evaluate_shards
     from ssfer_dist.models.io import load_weights
 

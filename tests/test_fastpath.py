@@ -55,11 +55,11 @@ def test_compile_without_a_compiler_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"^train\.compile: true, but .*set train\.compile: false"):
         fastpath.resolve(_cfg("train.compile=true"), "cpu")
     # a local run checks before any worker starts
-    from ssfer_dist.distributed import launch
+    from ssfer_dist.launchers import base
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConfigError, match=r"^train\.compile"):
-        launch.check_fast_path_local(_cfg("train.compile=true"))
+        base.check_fast_path_local(_cfg("train.compile=true"))
     # automatic: quietly off, with the reason
     monkeypatch.setattr(fastpath, "compiler_problem", lambda device: "triton is not installed")
     fp = fastpath.resolve(_cfg("train.compile=null"), "cuda")
@@ -182,7 +182,7 @@ def test_dry_run_shows_the_fast_path():
 def test_use_gpu_without_cuda_fails_before_any_worker(monkeypatch, caplog):
     import ray
 
-    from ssfer_dist.distributed import launch
+    from ssfer_dist.launchers import ray as launch
     from ssfer_dist.errors import UserError
 
     cfg = _cfg("scaling.use_gpu=true")

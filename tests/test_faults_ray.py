@@ -3,8 +3,8 @@ with one line naming its cause, and no partial checkpoint is left behind.
 
 - a frozen worker (sleeps inside the step: a hung peer, a dead-locked loader) — without the stall
   watchdog and the collective timeout the other rank waits in a gloo all-reduce for 30 min;
-- a full disk half-way through one rank's checkpoint upload — a permanent fault: not retried although
-  ``max_failures: 1`` would allow it, ``ssfer run`` exits 2 with one line, the partial folder is gone;
+- a full disk half-way through one rank's checkpoint upload — a permanent fault: the restarted group finds
+  its recorded cause and stops at once, ``ssfer run`` exits 2 with that one line, the partial folder is gone;
 - a worker group that can never be placed — Ray's default retries that forever in silence.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _ov(name, shards, runs, extra):
 
 @pytest.mark.timeout(900)
 def test_a_frozen_worker_ends_the_run_with_a_one_line_cause(ray_local, shards, tmp_path):
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
 
     marker = tmp_path / "stall.marker"
     cfg = load_config(PRETRAIN, _ov("frozen", shards, tmp_path / "runs", [
@@ -75,8 +75,12 @@ def test_full_disk_mid_checkpoint_fails_at_once_and_leaves_no_partial(ray_local,
     for o in _ov("fulldisk", shards, runs, [
             "train.max_steps=8", "checkpoint.every_steps=2", "failure.max_failures=1"]):
         args += ["--set", o]
+    # max_failures: 1 allows a restart, which finds the recorded cause and stops at once (a retry would have
+    # finished the run: the fault is injected once)
+    t0 = time.time()
     with armed(4, 1, "enospc_upload", marker):
-        assert main(args) == 2                         # with max_failures: 1 a retry would have finished the run
+        assert main(args) == 2
+    assert time.time() - t0 < 600
     assert marker.exists()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     run = str(runs / "fulldisk")
@@ -91,7 +95,7 @@ def test_full_disk_mid_checkpoint_fails_at_once_and_leaves_no_partial(ray_local,
 
 @pytest.mark.timeout(600)
 def test_a_worker_group_that_cannot_be_placed_fails_in_bounded_time(ray_local, shards, tmp_path):
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
 
     cfg = load_config(PRETRAIN, _ov("unplaced", shards, tmp_path / "runs", [
         "scaling.resources_per_worker={ssfer_no_such_accelerator: 1}", "failure.start_timeout_s=10",
@@ -109,7 +113,7 @@ def test_a_worker_group_that_cannot_be_placed_fails_in_bounded_time(ray_local, s
 def test_a_20s_storage_outage_mid_run_is_absorbed_without_a_restart(ray_local, s3_server, tmp_path, monkeypatch):
     import threading
 
-    from ssfer_dist.distributed.launch import run_stage
+    from ssfer_dist.launchers.ray import run_stage
     from ssfer_dist.train.debugdata import face_images, write_shard_folder
 
     weed = PrivateWeed(tmp_path)
@@ -167,9 +171,8 @@ def test_a_20s_storage_outage_mid_run_is_absorbed_without_a_restart(ray_local, s
 
 @pytest.mark.timeout(1500)
 def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_path):
-    """Each `ssfer run` starts a local Ray of its own (temp folder, no dashboard or state-API client): both
-    finish, neither logs Ray's "Found multiple active Ray instances", and neither started Ray Train's cluster-only
-    helper actors."""
+    """Each `ssfer run` starts a local Ray of its own (temp folder, no dashboard): both finish, neither logs
+    Ray's "Found multiple active Ray instances", and each ran its Train workers on its own instance."""
     import subprocess
     import sys
 
@@ -202,15 +205,14 @@ def test_two_concurrent_runs_on_one_machine_do_not_see_each_other(shards, tmp_pa
         assert m, name
         temp_dirs.add(m.group(1))
     assert len(temp_dirs) == 2
-    # a private Ray starts no cluster-only helper actors (localray): the actor names its workers ran
+    # the actor names each instance's workers ran: its own Train controller and workers
     for d in temp_dirs:
         actors = set()
         for out in glob.glob(os.path.join(d, "session_latest", "logs", "worker-*.out")):
             with open(out, errors="replace") as f:
                 actors |= set(re.findall(r":actor_name:(\w+)", f.read()))
         shutil.rmtree(d, ignore_errors=True)
-        assert "RayTrainWorker" in actors and "TrainController" in actors, actors      # the search sees actors
-        assert not actors & {"PlacementGroupCleaner", "DatasetManager", "PreemptionWatcher"}, actors
+        assert "RayTrainWorker" in actors and "TrainController" in actors, actors
 
 
 # ------------------------------------------------------------------------------ multi-node: a node is lost
@@ -240,7 +242,9 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_s3(s3_bucket, tmp_path
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert "removed_at" in info and "replaced_at" in info, info
-    resumed = {int(m) for m in re.findall(r"resumed at step (\d+)", out.stderr)}
+    # rank 0 of the group that finished logged where it resumed (its log file, uploaded to the run folder)
+    worker0 = storage.get_bytes(storage.join(info["run"], "logs", "worker-0.log")).decode()
+    resumed = {int(m) for m in re.findall(r"resumed at step (\d+)", worker0)}
     assert len(resumed) == 1 and next(iter(resumed)) % 4 == 0 and next(iter(resumed)) >= 4, resumed
     start = next(iter(resumed))
     run = info["run"]

@@ -30,12 +30,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-HAVE_LAUNCH = importlib.util.find_spec("ssfer_dist.distributed.launch") is not None or \
-    os.path.exists(os.path.join(ROOT, "ssfer_dist", "distributed", "launch.py"))
+HAVE_LAUNCH = importlib.util.find_spec("ssfer_dist.launchers") is not None or \
+    os.path.exists(os.path.join(ROOT, "ssfer_dist", "launchers", "ray.py"))
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not HAVE_LAUNCH, reason="ssfer_dist/distributed/launch.py (ssfer run) does not exist yet"),
+    pytest.mark.skipif(not HAVE_LAUNCH, reason="ssfer_dist/launchers/ (ssfer run) does not exist yet"),
 ]
 
 IMAGE_SIZE = 32          # configs/debug_cpu_pretrain.yaml trains at 32 px

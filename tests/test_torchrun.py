@@ -1,5 +1,5 @@
 """The torchrun launcher: the same loop without Ray (``ssfer run --launcher torchrun`` →
-``torchrun -m ssfer_dist.train``), 2 gloo ranks, real DeepSpeed on CPU.
+``torchrun -m ssfer_dist.launchers.torchrun``), 2 gloo ranks, real DeepSpeed on CPU.
 
 A run that fails half-way is rerun with the same name: it resumes from the newest committed checkpoint,
 redoes exactly the batches the failed attempt saw, keeps ``checkpoint.num_to_keep`` checkpoints and exports.
@@ -80,8 +80,8 @@ def test_two_ranks_fail_then_resume_with_identical_batches(tmp_path):
 def test_outside_torchrun_the_entry_point_says_how_to_start_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    p = subprocess.run([sys.executable, "-m", "ssfer_dist.train", PRETRAIN, "--set", f"run.storage={tmp_path}"],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    p = subprocess.run([sys.executable, "-m", "ssfer_dist.launchers.torchrun", PRETRAIN, "--set",
+                        f"run.storage={tmp_path}"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert p.returncode == 2, p.stderr
     line = p.stderr.strip().splitlines()[-1]
     assert "not started by torchrun" in line and "--launcher torchrun" in line, line
@@ -118,7 +118,7 @@ def test_a_torchrun_run_resumes_under_ray(tmp_path):
     second = _ssfer(args)                                         # the default launcher: a local Ray
     assert second.returncode == 0, second.stderr[-3000:]
     run_dir = runs / "cross"
-    assert "resumed at step 4" in (run_dir / "logs" / "ssfer.log").read_text()
+    assert "resumed at step 4" in (run_dir / "logs" / "worker-0.log").read_text()
     rec = _metrics(run_dir)
     assert [r["step"] for r in rec] == list(range(1, 13))
     redone = {r["step"]: r for r in _metrics(run_dir, "metrics_redone.jsonl")}

@@ -115,7 +115,7 @@ def test_two_gloo_ranks_sum_disjoint_slices(shards_and_weights, tmp_path):
 
 def test_eval_config_and_preflight_errors(tmp_path):
     from ssfer_dist.config import ConfigError, load_config
-    from ssfer_dist.distributed.launch import preflight
+    from ssfer_dist.launchers import preflight
     from ssfer_dist.errors import UserError
     from ssfer_dist.stages import load_stage_config
     from ssfer_dist.train.debugdata import write_debug_shards

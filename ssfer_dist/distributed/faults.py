@@ -3,8 +3,9 @@
 - :func:`classify` turns an exception raised on a worker into a one-line cause when the fault is
   *permanent* (a shard that is gone, a full disk, access denied: a restart cannot help) and ``None``
   when it may be transient (a lost peer, a storage outage outlasting the retries).
-- :class:`PermanentFault` carries that cause from the worker to the driver. The launcher's Ray failure
-  policy (:func:`failure_policy_factory`) raises it at once instead of restarting the worker group.
+- :class:`PermanentFault` carries that cause from the worker to the driver. The worker records it
+  (:func:`write_cause`); a worker group restarted after it finds the record (:func:`permanent_cause`) and
+  stops at once, so the run ends with that cause after at most ``failure.max_failures`` quick restarts.
 - :class:`StallWatchdog` ends a worker that makes no progress for ``failure.stall_timeout_s`` (a peer
   frozen inside a collective, a data reader that never returns): it writes the cause to
   ``<run>/_faults/`` (no shared disk needed) and exits the process, so Ray sees the worker die within
@@ -28,7 +29,7 @@ from ssfer_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 __all__ = ["PermanentFault", "RunFailed", "classify", "StallWatchdog", "write_cause", "read_causes",
-           "one_line", "failure_policy_factory", "FAULTS_DIR", "STALL_EXIT_CODE"]
+           "permanent_cause", "one_line", "FAULTS_DIR", "STALL_EXIT_CODE"]
 
 FAULTS_DIR = "_faults"
 STALL_EXIT_CODE = 75
@@ -181,6 +182,11 @@ def read_causes(run_url: str, since: float) -> List[dict]:
     return sorted(out, key=lambda r: r["time"])
 
 
+def permanent_cause(run_url: str, since: float) -> Optional[dict]:
+    """The first permanent fault recorded for the run at or after ``since`` (None: none)."""
+    return next((rec for rec in read_causes(run_url, since) if rec.get("kind") == "permanent"), None)
+
+
 # --------------------------------------------------------------------------------- driver-side line
 
 
@@ -190,8 +196,13 @@ def _worker_failures(exc: BaseException) -> dict:
 
 
 def one_line(exc: BaseException, causes: List[dict]) -> str:
-    """The one line naming why ``trainer.fit()`` failed: a permanent fault's cause, else a recorded
-    cause (stall watchdog), else the first worker's own exception line, else Ray's controller error."""
+    """The one line naming why ``trainer.fit()`` failed: a recorded permanent fault (with the rank that hit it,
+    not the rank of a restarted group that stopped on finding it), else a permanent fault in the workers'
+    errors, else a recorded cause (stall watchdog), else the first worker's own exception line, else Ray's
+    controller error."""
+    for rec in causes:
+        if rec.get("kind") == "permanent":
+            return f"rank {rec['rank']}: {rec['cause']}"
     failures = _worker_failures(exc)
     for rank in sorted(failures):
         c = classify(failures[rank])
@@ -210,24 +221,3 @@ def one_line(exc: BaseException, causes: List[dict]) -> str:
                     "the CPUs/GPUs/resources the scaling section asks for (see `ray status`)")
         return f"{type(ctrl).__name__}: {_first_line(ctrl)}"
     return f"{type(exc).__name__}: {_first_line(exc)}"
-
-
-def failure_policy_factory():
-    """A Ray Train failure-policy factory that raises a permanent fault at once (no restart) and leaves
-    every other decision to Ray's default policy. ``None`` when this Ray has no such hook."""
-    try:
-        from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
-        from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
-    except ImportError:
-        return None
-
-    class PermanentFaultsRaise(DefaultFailurePolicy):
-        def make_decision(self, training_failed_error):
-            for rank, e in sorted(_worker_failures(training_failed_error).items()):
-                cause = classify(e)
-                if cause:
-                    log.info("[FailurePolicy] permanent fault on rank %d, not retried: %s", rank, cause)
-                    return FailureDecision.RAISE
-            return super().make_decision(training_failed_error)
-
-    return lambda failure_config: PermanentFaultsRaise(failure_config)

@@ -3,7 +3,7 @@
 A stage names its config section and declares what pre-flight must provide (labeled shards, the
 unlabeled sources); it builds its task and the module DeepSpeed wraps, picks its data views and batched
 streams, its optimizer parameter groups, the metadata of its export, and (optionally) a preview. The
-loop (``train/loop.py``) and the launcher (``distributed/launch.py``) only call these methods.
+loop (``train/loop.py``) and the launcher (``launchers/``) only call these methods.
 
 Stages receive :class:`StageConfigs` (the sub-configs a stage may read, never the whole ``Config``) and
 the frozen :class:`~ssfer_dist.plan.LaunchPlan`.

@@ -23,6 +23,7 @@ import time
 from typing import Any, Dict, Iterable, Optional
 
 from ssfer_dist import storage
+from ssfer_dist.console import format_progress
 from ssfer_dist.config import Config, to_dict
 from ssfer_dist.distributed import collectives
 from ssfer_dist.evaluate import confusion_png
@@ -32,7 +33,7 @@ from ssfer_dist.train.step import DeviceMetrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "MetricsLog", "format_progress", "tb_tag", "flatten", "hparams"]
+__all__ = ["MetricsLogger", "MetricsLog", "tb_tag", "flatten", "hparams"]
 
 HIDDEN = frozenset({"step", "time", "batch_digest"})          # metrics.jsonl only, never charted
 SYS = frozenset({"steps_per_s", "images_per_s"})
@@ -69,15 +70,6 @@ def flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     else:
         out[key] = json.dumps(tree)
     return out
-
-
-def format_progress(stage: str, step: int, total: int, steps_per_s: float, images_per_s: float,
-                    loss: float, lr: float) -> str:
-    """``[mae] step 40/200  3.10 steps/s  396.8 img/s  loss 0.8123  lr 1.20e-04  ETA 0:00:52``."""
-    eta = (total - step) / steps_per_s if steps_per_s > 0 else float("inf")
-    eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-    return (f"[{stage}] step {step}/{total}  {steps_per_s:.2f} steps/s  {images_per_s:.1f} img/s  "
-            f"loss {loss:.4f}  lr {lr:.2e}  ETA {eta_s}")
 
 
 class MetricsLog:
