@@ -11,7 +11,7 @@ progress line. Phases come from the console (seconds since the command started) 
 - ``first step``     the ``step 1/`` progress line (torch/DeepSpeed in the workers, engine, data pipeline);
 - ``exit``           the process ended (the remaining steps, export, Ray shutdown).
 
-    python benchmarks/startup.py [--repeat 3] [--steps 3] [--launcher ray|torchrun]
+    python benchmarks/startup.py [--repeat 3] [--steps 3] [--launcher ray|torchrun] [--baseline-tree DIR]
 
 Prints each run's phases and min / median per phase; there is no target to meet: Ray's own start-up is what
 it is, and torchrun is the fast local path. Each run waits first (at most 120 s) for the 1-minute load
@@ -41,15 +41,16 @@ def _clock(text: str) -> float:
     return int(h) * 3600 + int(m) * 60 + float(s)
 
 
-def one_run(shards: str, storage: str, name: str, steps: int, launcher: str = "ray") -> dict:
-    cmd = [sys.executable, "-m", "ssfer_dist.cli", "run", os.path.join(ROOT, "configs", "debug_cpu_pretrain.yaml"),
+def one_run(shards: str, storage: str, name: str, steps: int, launcher: str = "ray", root: str = ROOT) -> dict:
+    """One ``ssfer run`` of the code in ``root`` (this checkout, or a baseline checkout of another commit)."""
+    cmd = [sys.executable, "-m", "ssfer_dist.cli", "run", os.path.join(root, "configs", "debug_cpu_pretrain.yaml"),
            "--set", f"data.shards={shards}", "--set", f"run.storage={storage}", "--set", f"run.name={name}",
            "--set", f"train.max_steps={steps}", "--set", "train.log_every=1", "--set", "checkpoint.every_steps=0",
            "--set", "train.preview_every=0", "--launcher", launcher]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     midnight = time.mktime(time.localtime(t0)[:3] + (0, 0, 0, 0, 0, -1))      # log clocks are local times
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root)
     out = {}
     lines = []
     for line in p.stdout:
@@ -68,6 +69,9 @@ def one_run(shards: str, storage: str, name: str, steps: int, launcher: str = "r
             out.setdefault("ray up", at)
     for at, _line in _log_lines(os.path.join(logs, "worker-0.log"), midnight - t0):
         out.setdefault("workers up", at)
+    for at, line in _log_lines(os.path.join(logs, "ssfer.log"), midnight - t0):
+        if "Started training worker group" in line:      # an earlier runtime, which had no worker log
+            out.setdefault("workers up", at)
     return out
 
 
@@ -92,7 +96,7 @@ def settle(below: float, max_wait: float) -> float:
     return os.getloadavg()[0]
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs (default 3)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
@@ -101,26 +105,66 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=0.7,
                     help="before each run, wait (at most 120 s) for the 1-minute load average to drop to this "
                          "(default 0.7; 0: no wait)")
-    a = ap.parse_args()
-    from ssfer_dist.train.debugdata import write_debug_shards
+    ap.add_argument("--baseline-tree", default=None, metavar="DIR",
+                    help="a checkout of another commit (e.g. `git worktree add DIR REV`): its runs alternate with "
+                         "this checkout's and are the baseline of the ratio")
+    ap.add_argument("--record", default=None, metavar="NAME",
+                    help="write the figures to benchmarks/results/NAME.json (default startup_<launcher>)")
+    return ap.parse_args()
 
-    tmp = tempfile.mkdtemp(prefix="ssfer-startup-")
-    shards = write_debug_shards(os.path.join(tmp, "shards"))["fr"]
-    runs = []
-    for i in range(a.repeat):
-        load = settle(a.settle, 120.0) if a.settle > 0 else os.getloadavg()[0]
-        r = one_run(shards, os.path.join(tmp, "runs"), f"startup-{i}", a.steps, a.launcher)
-        runs.append(r)
-        print(f"run {i + 1}: " + "  ".join(f"{k} {r[k]:.1f}s" for k in PHASES if k in r)
-              + f"   (load average before: {load:.1f}, {os.cpu_count()} CPUs)", flush=True)
-    omp = os.environ.get("OMP_NUM_THREADS", "-")
-    print(f"\ncommand -> phase, seconds over {len(runs)} runs (launcher {a.launcher}, OMP_NUM_THREADS={omp})")
+
+def _print_table(label: str, runs: list) -> None:
+    print(f"\n{label}: command -> phase, seconds over {len(runs)} runs")
     print(f"{'phase':<12} {'min':>7} {'median':>7}")
     for k in PHASES:
         vals = [r[k] for r in runs if k in r]
         if vals:
             print(f"{k:<12} {min(vals):>7.1f} {statistics.median(vals):>7.1f}")
+
+
+def main() -> int:
+    a = _args()
+    from ssfer_dist.train.debugdata import write_debug_shards
+
+    tmp = tempfile.mkdtemp(prefix="ssfer-startup-")
+    shards = write_debug_shards(os.path.join(tmp, "shards"))["fr"]
+    trees = {"this checkout": ROOT}
+    if a.baseline_tree:
+        trees = {"baseline": os.path.abspath(a.baseline_tree), **trees}
+    runs = {label: [] for label in trees}
+    for i in range(a.repeat):
+        for label, root in trees.items():
+            load = settle(a.settle, 120.0) if a.settle > 0 else os.getloadavg()[0]
+            r = one_run(shards, os.path.join(tmp, "runs"), f"startup-{len(runs[label])}-{i}", a.steps, a.launcher,
+                        root)
+            runs[label].append(r)
+            print(f"{label} run {i + 1}: " + "  ".join(f"{k} {r[k]:.1f}s" for k in PHASES if k in r)
+                  + f"   (load average before: {load:.1f}, {os.cpu_count()} CPUs)", flush=True)
+    print(f"\nlauncher {a.launcher}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    for label, rs in runs.items():
+        _print_table(label, rs)
+    _record(a, trees, runs)
     return 0
+
+
+def _record(a: argparse.Namespace, trees: dict, runs: dict) -> None:
+    import results
+
+    rows = {f"{label}: {k}": [r[k] for r in rs if k in r] for label, rs in runs.items() for k in PHASES}
+    rows = {k: v for k, v in rows.items() if v}
+    base = "baseline: first step" if a.baseline_tree and "baseline: first step" in rows else None
+    note = (f"ssfer run --launcher {a.launcher} of configs/debug_cpu_pretrain.yaml, {a.steps} steps, runs alternating"
+            + (f"; baseline: the checkout at {_commit(trees['baseline'])}" if a.baseline_tree else ""))
+    results.record(a.record or f"startup_{a.launcher}", results.command_line(), rows, unit="s", baseline=base,
+                   note=note, extra={"this_checkout": _commit(ROOT)})
+
+
+def _commit(root: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=30).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The launchers' driver side without a training run: one-line start-up failures, the local Ray's folder, the
-inputs checked before Ray starts, the progress callback, recorded permanent faults, the torchrun command."""
+inputs checked before Ray starts, the progress queue, recorded permanent faults, the torchrun command."""
 from __future__ import annotations
 
 import os
@@ -58,22 +58,22 @@ def test_bad_input_is_reported_before_ray_starts(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_progress_callback_passes_rank_0s_record_on():
+def test_progress_offers_a_copy_and_never_fails_the_run():
     class Q:
-        def __init__(self):
-            self.items = []
+        def __init__(self, broken=False):
+            self.items, self.broken = [], broken
 
         def put_nowait(self, item):
+            if self.broken:
+                raise RuntimeError("the queue's actor is gone")
             self.items.append(item)
 
-    q = Q()
-    cb = ray_launcher._progress_callback(q)
-    import ray.train
-
-    assert isinstance(cb, ray.train.UserCallback)
-    cb.after_report(None, [{"step": 3, "loss": 1.0}, {"step": 3, "loss": 2.0}], None)
-    cb.after_report(None, [], None)
+    q, rec = Q(), {"step": 3, "loss": 1.0}
+    ray_launcher.offer_progress(q, rec)
+    rec["step"] = 4                                  # the record the loop goes on with is not the one queued
     assert q.items == [{"step": 3, "loss": 1.0}]
+    ray_launcher.offer_progress(Q(broken=True), rec)   # a printer that is gone costs the line, not the run
+    ray_launcher.offer_progress(None, rec)
 
 
 def test_a_recorded_permanent_fault_names_the_rank_that_hit_it(tmp_path):

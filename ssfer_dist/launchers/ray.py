@@ -3,8 +3,11 @@ Ray private to this command.
 
 - Workers run :func:`train_fn`: a :class:`RayContext` and the one loop (``run_worker``). Each writes its log
   records to ``<run>/logs/worker-<rank>.log``; Ray is started with ``log_to_driver=False``, so no worker output
-  reaches the driver. The driver prints progress from the metrics the workers report: a Ray Train
-  ``UserCallback`` (run in the Train controller) passes rank 0's records through a ``ray.util.queue.Queue``.
+  reaches the driver. Rank 0 puts each log step's record into a ``ray.util.queue.Queue`` that the driver
+  reads and prints. Only checkpoints (and the last step, which always saves one) go through
+  ``ray.train.report``: Ray Train takes a worker's reports one at a time at its controller's poll interval
+  (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, default 2 s), so a report per log step would hold every fast step
+  back to that pace.
 - A permanent fault (missing shard, full disk, access denied) is recorded by the worker that hits it; Ray
   restarts the group (``failure.max_failures``), and a restarted worker that finds the record raises it at
   once, so the run ends with that one-line cause after a few quick restarts, never a hang.
@@ -60,10 +63,11 @@ class RayContext(WorkerContext):
 
     name = "ray"
 
-    def __init__(self, run_url: str = "") -> None:
+    def __init__(self, run_url: str = "", progress: Any = None) -> None:
         import ray.train
 
         self.run_url = run_url
+        self._progress = progress          # the driver's queue of rank 0's records (None: nobody prints them)
         self._train = ray.train
         ctx = ray.train.get_context()
         self._ctx = ctx
@@ -82,9 +86,11 @@ class RayContext(WorkerContext):
         return ckpt
 
     def report(self, metrics: Dict[str, Any]) -> None:
-        self._train.report(metrics)
+        if self.rank == 0:
+            offer_progress(self._progress, metrics)
 
     def report_checkpoint(self, metrics: Dict[str, Any], local_dir: str, name: str, upload: Upload) -> None:
+        self.report(metrics)
         train, ctx = self._train, self._ctx
 
         def upload_fn(checkpoint, dir_name: str):
@@ -99,7 +105,7 @@ class RayContext(WorkerContext):
 def train_fn(payload: Dict[str, Any]) -> None:
     """Ray Train's train function: this worker's log file, the recorded-fault check, then the loop."""
     plan: LaunchPlan = payload["plan"]
-    ctx = RayContext(plan.run_url)
+    ctx = RayContext(plan.run_url, payload.get("progress"))
     console.worker_setup()
     with console.log_file(plan.run_url, f"worker-{ctx.rank}.log"):
         # a permanent fault recorded since this launch started: a restart cannot help, so stop at once
@@ -110,27 +116,18 @@ def train_fn(payload: Dict[str, Any]) -> None:
         run_worker(payload, ctx)
 
 
-def _progress_callback(queue: Any) -> Any:
-    """A Ray Train ``UserCallback`` (run in the Train controller) that passes rank 0's reported records to
-    the driver through ``queue``."""
-    import ray.train
-
-    class ReportedProgress(ray.train.UserCallback):
-        def __init__(self, q: Any) -> None:
-            self.q = q
-
-        def after_report(self, run_context, metrics: List[Dict[str, Any]], checkpoint) -> None:
-            if metrics:
-                try:
-                    self.q.put_nowait(dict(metrics[0]))
-                except Exception:  # noqa: BLE001 - progress lines are never worth a training failure
-                    pass
-
-    return ReportedProgress(queue)
+def offer_progress(queue: Any, record: Dict[str, Any]) -> None:
+    """Hand a log step's record to the driver's printer; a queue that is gone costs the line, never the run."""
+    if queue is None:
+        return
+    try:
+        queue.put_nowait(dict(record))
+    except Exception:  # noqa: BLE001 - progress lines are never worth a training failure
+        pass
 
 
 class _ProgressPrinter:
-    """Driver side: prints the records the callback queues, as console lines of stage ``label``."""
+    """Driver side: prints the records rank 0 queues, as console lines of stage ``label``."""
 
     def __init__(self, label: str, total: int) -> None:
         from ray.util.queue import Queue
@@ -337,7 +334,7 @@ def _storage_args(url: str, retry_s: float = 120.0) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------ the launcher
 
 
-def _trainer(cfg: Config, payload: Dict[str, Any], callbacks: List[Any]) -> Any:
+def _trainer(cfg: Config, payload: Dict[str, Any]) -> Any:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -352,7 +349,7 @@ def _trainer(cfg: Config, payload: Dict[str, Any], callbacks: List[Any]) -> Any:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(float(fc.start_timeout_s))
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", str(float(max(60.0, fc.stall_timeout_s or 600.0))))
     run_config = ray.train.RunConfig(
-        name=cfg.run.name, callbacks=callbacks,
+        name=cfg.run.name,
         # start failures are retried max(2, max_failures) times, never forever (Ray's default: -1)
         failure_config=ray.train.FailureConfig(max_failures=fc.max_failures,
                                                controller_failure_limit=max(2, fc.max_failures)),
@@ -394,7 +391,7 @@ class RayLauncher(Launcher):
     def wait(self, run: Dict[str, Any]) -> RunResult:
         cfg, plan, label = run["cfg"], run["plan"], run["label"]
         with console.log_file(plan.run_url) as log_path, _ProgressPrinter(label, plan.total_steps) as progress:
-            trainer = _trainer(cfg, run["payload"], [_progress_callback(progress.queue)])
+            trainer = _trainer(cfg, dict(run["payload"], progress=progress.queue))
             log.info("[%s] starting %d Ray Train workers (full log: %s)", label, cfg.scaling.num_workers, log_path)
             t0 = time.time()
             try:
