@@ -38,8 +38,13 @@ from typing import Any, Dict, Optional
 # that import sharding (tests/test_imports.py holds every other module to the one-way rule).
 from sharding.build import BuildConfig, run_build
 from sharding.split import split_shards
+from ssfer_dist import console, synth
+from ssfer_dist.config import from_dict
 from ssfer_dist.errors import UserError
+from ssfer_dist.evaluate import evaluate_shards, write_outputs
 from ssfer_dist.launchers import planned_steps, run_config
+from ssfer_dist.shards.manifest import read_manifest
+from ssfer_dist.stages import check_stage_config
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,6 @@ FER_FACE_FRAC = (0.8, 1.0)     # the labeled faces' larger side as a fraction of
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
     """Sizes and steps of one demo run (``quick`` for tests, full for the README)."""
-
     train_per_class: int
     test_per_class: int
     fr_identities: int
@@ -99,8 +103,6 @@ def _progress(what: str, every_s: float = 5.0):
 
 def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str, str]:
     """Synthetic datasets → shard folders; returns the shard URLs by role."""
-    from ssfer_dist import synth
-
     data = os.path.join(out, "data")
     shards = os.path.join(out, "shards")
     raf = os.path.join(data, "rafdb")
@@ -135,9 +137,6 @@ def make_data(out: str, plan: DemoPlan, seed: int, workers: int = 1) -> Dict[str
 
 def stage_configs(plan: DemoPlan, urls: Dict[str, str], runs: str, seed: int, num_workers: int) -> Dict[str, Any]:
     """The five run configs (``ssfer_dist.config.Config``), built in code from the typed tree."""
-    from ssfer_dist.config import from_dict
-    from ssfer_dist.stages import check_stage_config
-
     b = plan.batch_per_rank
     common = {
         "scaling": {"num_workers": num_workers, "cpus_per_worker": 1},
@@ -192,8 +191,6 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
              plan: Optional[DemoPlan] = None, launcher: str = "ray") -> Dict[str, Any]:
     """Run the whole demo for one seed; returns the summary (also written to ``seed<N>/report/summary.json``).
     Every line (ours, Ray's, the workers') goes to ``seed<N>/logs/demo.log``; the console shows ours."""
-    from ssfer_dist import console
-
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ssfer-torch-extensions"))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -211,13 +208,11 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, num_workers: int = 2,
 
 def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int, plan: DemoPlan,
               t_start: float, log_path: str, launcher: str = "ray") -> Dict[str, Any]:
-    from ssfer_dist import console
 
     names = ("pretrain", "scratch", "mixup", "facemix", "semisup")
     count = len(names) + 2                   # data, five trainings, evaluation
     with console.stage(1, count, "synthetic data and shards"):
         urls = make_data(seed_dir, plan, seed)
-    from ssfer_dist.evaluate import evaluate_shards, write_outputs
 
     t_data = time.time() - t_start
     runs = os.path.join(seed_dir, "runs")
@@ -245,7 +240,6 @@ def _run_demo(out: str, seed_dir: str, quick: bool, seed: int, num_workers: int,
             log.info("%s: accuracy %.3f", label, m["accuracy"])
     timings["evaluate"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
-    from ssfer_dist.shards.manifest import read_manifest
 
     summary = {
         "facemix_terms": facemix_terms(results["facemix"].run_url),

@@ -31,8 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ssfer_dist import storage
+from sharding.split import split_shards
+from ssfer_dist import console, storage
+from ssfer_dist.config import from_dict, load_typed, to_dict
+from ssfer_dist.evaluate import evaluate_shards
 from ssfer_dist.launchers import run_config
+from ssfer_dist.stages import check_stage_config, load_stage_config
 from ssfer_dist.typed import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,7 +75,6 @@ class SweepCfg:
 
 
 def load_sweep(path: str, overrides: Optional[List[str]] = None) -> SweepCfg:
-    from ssfer_dist.config import load_typed
 
     cfg = load_typed(path, SweepCfg, overrides)
 
@@ -122,8 +125,6 @@ def cell_name(f: float, k: int, model: str) -> str:
 
 
 def _stage_config(sw: SweepCfg, m: SweepModel, f: float, k: int, split: str, exports: Dict[str, str]):
-    from ssfer_dist.config import to_dict
-    from ssfer_dist.stages import check_stage_config, load_stage_config
 
     ov = list(m.overrides) + [f"run.storage={storage.join(sw.storage, sw.name, 'runs')}",
                               f"run.name={sw.name}-{cell_name(f, k, m.name)}",
@@ -132,8 +133,6 @@ def _stage_config(sw: SweepCfg, m: SweepModel, f: float, k: int, split: str, exp
         ov.append(f"init.weights={exports[m.init_from]}")
     cfg = load_stage_config(m.config, ov)
     if cfg.train.stage == "semisup":                  # the split's remainder first, then the model's own sources
-        from ssfer_dist.config import from_dict
-
         d = to_dict(cfg)
         d["data"]["unlabeled"] = [{"shards": storage.join(split, "unlabeled"), "weight": sw.data.remainder_weight}] + \
             list(d["data"].get("unlabeled") or [])
@@ -143,9 +142,6 @@ def _stage_config(sw: SweepCfg, m: SweepModel, f: float, k: int, split: str, exp
 
 def run_sweep(sw: SweepCfg) -> Dict[str, Any]:
     """Every cell not yet finished, then the table. Returns the summary (also ``<sweep>/summary.json``)."""
-    from sharding.split import split_shards
-    from ssfer_dist.evaluate import evaluate_shards
-
     root = storage.join(sw.storage, sw.name)
     cells_dir = storage.join(root, "cells")
     total = len(sw.fractions) * sw.folds * len(sw.models)
@@ -243,7 +239,6 @@ def summarize(sw: SweepCfg) -> Dict[str, Any]:
 def sweep_from_cli(path: str, overrides: List[str], table_only: bool = False) -> int:
     import sys
 
-    from ssfer_dist import console
 
     sw = load_sweep(path, overrides)
     root = storage.join(sw.storage, sw.name)
