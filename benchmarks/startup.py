@@ -135,8 +135,8 @@ def main() -> int:
     for i in range(a.repeat):
         for label, root in trees.items():
             load = settle(a.settle, 120.0) if a.settle > 0 else os.getloadavg()[0]
-            r = one_run(shards, os.path.join(tmp, "runs"), f"startup-{len(runs[label])}-{i}", a.steps, a.launcher,
-                        root)
+            tag = "baseline" if root != ROOT else "this"          # each run its own folder: none resumes another
+            r = one_run(shards, os.path.join(tmp, "runs"), f"startup-{tag}-{i}", a.steps, a.launcher, root)
             runs[label].append(r)
             print(f"{label} run {i + 1}: " + "  ".join(f"{k} {r[k]:.1f}s" for k in PHASES if k in r)
                   + f"   (load average before: {load:.1f}, {os.cpu_count()} CPUs)", flush=True)
