@@ -323,7 +323,7 @@ def test_worker_env_and_storage_filesystem_carry_no_credential(monkeypatch, tmp_
     credential; the end-to-end search is tests/test_dist_ray.py::test_mae_zero2_on_s3_loss_falls."""
     import pickle
 
-    from ssfer_dist.distributed import launch
+    from ssfer_dist.launchers import ray as launch
     from ssfer_dist.worker_env import non_secret_env
 
     secret = "unit-secret-" + os.urandom(6).hex()
