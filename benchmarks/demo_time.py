@@ -46,9 +46,7 @@ def main() -> int:
     ap.add_argument("--baseline-tree", default=None, metavar="DIR", help="a checkout to compare against")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds one demo may take (default 1800)")
     a = ap.parse_args()
-    trees = {"this checkout": ROOT}
-    if a.baseline_tree:
-        trees = {"baseline": os.path.abspath(a.baseline_tree), **trees}
+    trees = results.checkouts(ROOT, a.baseline_tree)
     times = {label: [] for label in trees}
     for i in range(a.repeat):
         for label, root in trees.items():

@@ -30,6 +30,13 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "results"
 Row = Union[Sequence[float], Mapping[str, float]]
 
 
+def checkouts(root: str, baseline_tree: Optional[str] = None) -> Dict[str, str]:
+    """The code each run of a comparison uses: ``{"baseline": DIR, "this checkout": root}`` in the order the runs
+    alternate (just this checkout without a baseline)."""
+    trees = {"this checkout": root}
+    return {"baseline": os.path.abspath(baseline_tree), **trees} if baseline_tree else trees
+
+
 def command_line(argv: Optional[Sequence[str]] = None) -> str:
     """This benchmark's command as typed, its script path relative to the repository (threads go apart)."""
     script = Path(sys.argv[0]).resolve()

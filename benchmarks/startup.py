@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+import results  # noqa: E402  (benchmarks/results.py: this folder is sys.path[0] for a script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -128,9 +130,7 @@ def main() -> int:
 
     tmp = tempfile.mkdtemp(prefix="ssfer-startup-")
     shards = write_debug_shards(os.path.join(tmp, "shards"))["fr"]
-    trees = {"this checkout": ROOT}
-    if a.baseline_tree:
-        trees = {"baseline": os.path.abspath(a.baseline_tree), **trees}
+    trees = results.checkouts(ROOT, a.baseline_tree)
     runs = {label: [] for label in trees}
     for i in range(a.repeat):
         for label, root in trees.items():
@@ -148,8 +148,6 @@ def main() -> int:
 
 
 def _record(a: argparse.Namespace, trees: dict, runs: dict) -> None:
-    import results
-
     rows = {f"{label}: {k}": [r[k] for r in rs if k in r] for label, rs in runs.items() for k in PHASES}
     rows = {k: v for k, v in rows.items() if v}
     base = "baseline: first step" if a.baseline_tree and "baseline: first step" in rows else None
